@@ -1,0 +1,401 @@
+"""Tensor-parallel layers: Megatron's f/g operators, column and row parallel Linear, vocab-parallel
+embedding and LM head.
+
+Lesson: notebook 02 ("column and row parallel, the math").
+
+A Linear layer computes Y = X W^T with W of shape [out, in] (nn.Linear's layout). Two ways to split it
+over N ranks:
+
+* **Column parallel** — split W by rows of the *out* dimension, W = [W_1; ...; W_N]. Rank r computes
+  Y_r = X W_r^T, which is exactly Y's column block r: every output element is the same dot product as in
+  the dense layer, only computed somewhere else. X is needed whole on every rank; the output stays split
+  (or is all-gathered when the next layer needs it whole).
+* **Row parallel** — split W by columns (the *in* dimension), W = [W_1 | ... | W_N]. Then
+  Y = X W^T = sum_r X_r W_r^T, where X_r is X's matching column block. Each rank computes a partial sum
+  of full shape; one all-reduce adds them. The bias is added once, after the reduction.
+
+Column then row (gate/up column, down row) needs no communication in between: the column layer's split
+output is exactly the split input the row layer wants, so an MLP costs one all-reduce in forward.
+
+The communication is written as four autograd Functions named after the Megatron-LM paper:
+f = ``copy_to_tp`` (identity forward, all-reduce backward), g = ``reduce_from_tp`` (all-reduce forward,
+identity backward), ``gather_from_tp`` (all-gather forward, own slice backward) and ``scatter_to_tp``
+(own slice forward, all-gather backward). Every one is the identity at world size 1, and when
+``torch.distributed`` is not initialised (so the layers also run in a plain Python session).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "split_sizes", "shard_range", "shard_tensor",
+    "copy_to_tp", "reduce_from_tp", "gather_from_tp", "scatter_to_tp",
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
+]
+
+
+# --------------------------------------------------------------------------------------- split arithmetic
+
+def split_sizes(n: int, world_size: int, unit: int = 1) -> list[int]:
+    """Per-rank sizes for splitting ``n`` elements into blocks of ``unit`` (e.g. unit=head_dim splits by
+    whole heads). Uneven block counts give the first ranks one block more: 10 heads on 4 ranks → 3,3,2,2."""
+    if world_size < 1 or unit < 1 or n < 0:
+        raise ValueError(f"split_sizes needs n >= 0, world_size >= 1 and unit >= 1; got n={n}, "
+                         f"world_size={world_size}, unit={unit}")
+    if n % unit:
+        raise ValueError(f"cannot split {n} elements into whole blocks of {unit}: {n} is not a multiple "
+                         f"of {unit}; pass a unit that divides it (unit=1 splits element by element)")
+    blocks = n // unit
+    if blocks < world_size:
+        raise ValueError(f"cannot split {blocks} block(s) of {unit} over {world_size} ranks: at least one "
+                         f"rank would hold nothing; use a world size <= {blocks}")
+    base, extra = divmod(blocks, world_size)
+    return [(base + (r < extra)) * unit for r in range(world_size)]
+
+
+def shard_range(n: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
+    """(start, end) of rank's block of ``n`` elements, split as in :func:`split_sizes`."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    sizes = split_sizes(n, world_size, unit)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def shard_tensor(t: torch.Tensor, dim: int, rank: int, world_size: int, unit: int = 1) -> torch.Tensor:
+    """Rank's slice of ``t`` along ``dim`` (split as in :func:`split_sizes`), as a fresh contiguous copy,
+    so the full tensor can be freed afterwards."""
+    start, end = shard_range(t.shape[dim], rank, world_size, unit)
+    return t.narrow(dim, start, end - start).clone(memory_format=torch.contiguous_format)
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# ------------------------------------------------------------------------------- Megatron's f / g operators
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous().clone()  # never reduce in place into a tensor someone else holds
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _exchange_widths(x: torch.Tensor, group) -> list[int]:
+    """Every rank's last-dim size (one tiny all-gather)."""
+    _, world = _rank_world(group)
+    mine = torch.tensor([x.shape[-1]], device=x.device, dtype=torch.long)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    return [int(s.item()) for s in every]
+
+
+def _all_gather_last(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """All-gather along the last dim; uneven sizes: pad to the largest, gather, trim each piece."""
+    rank, world = _rank_world(group)
+    if len(sizes) != world or x.shape[-1] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {x.shape[-1]} columns but the gather layout is {sizes} "
+                         f"for {world} ranks; pass the widths every rank really holds")
+    width = max(sizes)
+    x = F.pad(x, (0, width - x.shape[-1])).contiguous()  # [..., width]
+    pieces = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(pieces, x, group=group)
+    return torch.cat([p[..., :s] for p, s in zip(pieces, sizes)], dim=-1)  # [..., sum(sizes)]
+
+
+def _own_slice_last(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    rank, _ = _rank_world(group)
+    start = sum(sizes[:rank])
+    return x[..., start:start + sizes[rank]].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    """f: forward identity (every rank needs the whole X); backward all-reduce (each rank only has the
+    gradient flowing through its own shard, dL/dX = sum_r dL/dY_r W_r)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: forward all-reduce (sum the partial products); backward identity (the sum's gradient reaches
+    every term unchanged)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward all-gather along the last dim; backward keep this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        return _all_gather_last(x, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_slice_last(grad, ctx.group, ctx.sizes), None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Forward keep this rank's slice of the last dim; backward all-gather the gradient slices."""
+
+    @staticmethod
+    def forward(ctx, x, group, unit):
+        _, world = _rank_world(group)
+        ctx.group, ctx.sizes = group, split_sizes(x.shape[-1], world, unit)
+        return _own_slice_last(x, group, ctx.sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last(grad, ctx.group, ctx.sizes), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """f: identity forward, all-reduce backward."""
+    return x if _rank_world(group)[1] == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """g: all-reduce forward, identity backward."""
+    return x if _rank_world(group)[1] == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
+    """All-gather along the last dim (forward), own slice (backward). ``sizes``: every rank's width; when
+    omitted, the widths are exchanged first."""
+    _, world = _rank_world(group)
+    if world == 1:
+        return x
+    if sizes is None:
+        sizes = _exchange_widths(x, group)
+    return _GatherFromTP.apply(x, group, list(sizes))
+
+
+def scatter_to_tp(x: torch.Tensor, group=None, unit: int = 1) -> torch.Tensor:
+    """Own slice of the last dim (forward, split as in :func:`split_sizes`), all-gather (backward)."""
+    return x if _rank_world(group)[1] == 1 else _ScatterToTP.apply(x, group, unit)
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+def _uniform_(t: torch.Tensor | None, fan_in: int) -> None:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with the *dense* fan_in."""
+    if t is not None and not t.is_meta:
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(t, -bound, bound)
+
+
+def _materialise(layer: nn.Module, like: torch.Tensor) -> nn.Module:
+    """Give a layer built on the meta device real (uninitialised) storage on ``like``'s device."""
+    return layer.to_empty(device=like.device)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X W^T with W [out, in] split by rows of the out dim; rank r holds W[start:end, :].
+
+    Rank r computes Y_r = X W_r^T + b_r: Y's column block [start:end) (each element is the same dot product
+    as in the dense layer). Forward: f (identity) → F.linear → optional all-gather of Y's blocks.
+    Backward: dL/dX = sum_r dL/dY_r W_r, the all-reduce inside f.
+    ``unit`` splits in whole blocks (unit=head_dim: whole heads). Uneven block counts are allowed.
+    Built from a dense nn.Linear with :meth:`from_dense`; the constructor alone draws a fresh local init.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
+                 unit: int = 1, group=None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output, self.unit, self.group = gather_output, unit, group
+        self.rank, self.world_size = _rank_world(group)
+        self.sizes = split_sizes(out_features, self.world_size, unit)
+        self.start, self.end = shard_range(out_features, self.rank, self.world_size, unit)
+        local = self.end - self.start
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(local, in_features, **kw))  # [out_local, in]
+        self.bias = nn.Parameter(torch.empty(local, **kw)) if bias else None  # [out_local]
+        _uniform_(self.weight, in_features)
+        _uniform_(self.bias, in_features)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, group=None, gather_output: bool = False, unit: int = 1):
+        """This rank's rows of a dense nn.Linear (copied, so the dense layer can be freed)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"ColumnParallelLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
+        w = module.weight  # [out, in]
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
+                    gather_output=gather_output, unit=unit, group=group, device="meta", dtype=w.dtype)
+        _materialise(layer, w)
+        with torch.no_grad():
+            layer.weight.copy_(w[layer.start:layer.end])
+            if module.bias is not None:
+                layer.bias.copy_(module.bias[layer.start:layer.end])
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in], the same on every rank
+        x = copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)  # [..., out_local] = Y[..., start:end]
+        if self.gather_output:
+            y = gather_from_tp(y, self.group, self.sizes)  # [..., out]
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}/{self.world_size}, out shard [{self.start}:{self.end}) "
+                f"({self.end - self.start} rows), bias={self.bias is not None}, gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X W^T + b with W [out, in] split by columns (the in dim); rank r holds W[:, start:end).
+
+    Y = sum_r X_r W_r^T, X_r = X[..., start:end): each rank computes a full-shape partial sum, g
+    all-reduces them, then b is added ONCE (adding it on every rank would count it N times).
+    ``input_is_parallel=True`` takes X_r directly (the output of a column layer); False takes the whole X
+    and keeps this rank's block. Backward: dL/dX_r = dL/dY W_r, no communication (g is identity backward).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
+                 unit: int = 1, group=None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.unit, self.group = input_is_parallel, unit, group
+        self.rank, self.world_size = _rank_world(group)
+        self.sizes = split_sizes(in_features, self.world_size, unit)
+        self.start, self.end = shard_range(in_features, self.rank, self.world_size, unit)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, self.end - self.start, **kw))  # [out, in_local]
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None  # [out], replicated
+        _uniform_(self.weight, in_features)
+        _uniform_(self.bias, in_features)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, group=None, input_is_parallel: bool = True, unit: int = 1):
+        """This rank's columns of a dense nn.Linear's weight, plus its whole bias (copied)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"RowParallelLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
+        w = module.weight  # [out, in]
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
+                    input_is_parallel=input_is_parallel, unit=unit, group=group, device="meta", dtype=w.dtype)
+        _materialise(layer, w)
+        with torch.no_grad():
+            layer.weight.copy_(w[:, layer.start:layer.end])
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.group, self.unit)  # [..., in] -> [..., in_local]
+        if x.shape[-1] != self.end - self.start:
+            raise ValueError(f"RowParallelLinear on rank {self.rank} expects its input block of "
+                             f"{self.end - self.start} features ([{self.start}:{self.end}) of {self.in_features}), "
+                             f"got {x.shape[-1]}; pass input_is_parallel=False to give it the whole input")
+        partial = F.linear(x, self.weight)  # [..., out]: this rank's term of the sum
+        y = reduce_from_tp(partial, self.group)  # [..., out]: the full sum, on every rank
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}/{self.world_size}, in shard [{self.start}:{self.end}) "
+                f"({self.end - self.start} columns), bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table E [vocab, dim] split by rows; rank r owns ids [start, end).
+
+    out = sum_r onehot(ids)[:, start:end) E_r: each rank looks up the ids it owns (others are mapped to
+    row 0 and their rows zeroed), and g all-reduces: exactly one rank contributes each token's row.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, group=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.group = group
+        self.rank, self.world_size = _rank_world(group)
+        self.sizes = split_sizes(num_embeddings, self.world_size)
+        self.start, self.end = shard_range(num_embeddings, self.rank, self.world_size)
+        owns_pad = padding_idx is not None and self.start <= padding_idx < self.end
+        self.local_padding_idx = padding_idx - self.start if owns_pad else None
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, embedding_dim, device=device, dtype=dtype))
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight)  # nn.Embedding's default init
+            if self.local_padding_idx is not None:
+                with torch.no_grad():
+                    self.weight[self.local_padding_idx].zero_()
+
+    @classmethod
+    def from_dense(cls, module: nn.Embedding, group=None):
+        """This rank's rows of a dense nn.Embedding (copied)."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"VocabParallelEmbedding.from_dense needs an nn.Embedding, got {type(module).__name__}")
+        w = module.weight  # [vocab, dim]
+        layer = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, group=group,
+                    device="meta", dtype=w.dtype)
+        _materialise(layer, w)
+        with torch.no_grad():
+            layer.weight.copy_(w[layer.start:layer.end])
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [...] int64 in [0, vocab)
+        outside = (ids < self.start) | (ids >= self.end)  # [...] not mine
+        local = (ids - self.start).masked_fill(outside, 0)  # [...] in [0, rows)
+        out = F.embedding(local, self.weight, self.local_padding_idx)  # [..., dim]
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # zero the rows other ranks own
+        return reduce_from_tp(out, self.group)  # [..., dim]
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"rank={self.rank}/{self.world_size}, vocab shard [{self.start}:{self.end}) "
+                f"({self.end - self.start} rows), padding_idx={self.padding_idx}")
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """logits = h W^T, W [vocab, hidden] split over the vocab (a column split); the logits are
+    all-gathered by default (uneven vocab splits are padded, gathered and trimmed)."""
+
+    def __init__(self, hidden: int, vocab: int, bias: bool = False, gather_output: bool = True, group=None,
+                 device=None, dtype=None):
+        super().__init__(hidden, vocab, bias=bias, gather_output=gather_output, group=group,
+                         device=device, dtype=dtype)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear | nn.Embedding, group=None, gather_output: bool = True):
+        """From an nn.Linear lm_head, or an nn.Embedding whose table is tied to it (same [vocab, hidden])."""
+        if isinstance(module, nn.Embedding):
+            w, b = module.weight, None
+        elif isinstance(module, nn.Linear):
+            w, b = module.weight, module.bias
+        else:
+            raise TypeError(f"ParallelLMHead.from_dense needs an nn.Linear or nn.Embedding, "
+                            f"got {type(module).__name__}")
+        layer = cls(w.shape[1], w.shape[0], bias=b is not None, gather_output=gather_output, group=group,
+                    device="meta", dtype=w.dtype)
+        _materialise(layer, w)
+        with torch.no_grad():
+            layer.weight.copy_(w[layer.start:layer.end])
+            if b is not None:
+                layer.bias.copy_(b[layer.start:layer.end])
+        return layer
