@@ -207,8 +207,9 @@ def _uniform_(t: torch.Tensor | None, fan_in: int) -> None:
 
 
 def _materialise(layer: nn.Module, like: torch.Tensor) -> nn.Module:
-    """Give a layer built on the meta device real (uninitialised) storage on ``like``'s device."""
-    return layer.to_empty(device=like.device)
+    """Give a layer built on the meta device real (uninitialised) storage on ``like``'s device, and the
+    dense weight's requires_grad (a frozen inference model stays frozen)."""
+    return layer.to_empty(device=like.device).requires_grad_(like.requires_grad)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -232,7 +233,7 @@ class ColumnParallelLinear(nn.Module):
         local = self.end - self.start
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(local, in_features, **kw))  # [out_local, in]
-        self.bias = nn.Parameter(torch.empty(local, **kw)) if bias else None  # [out_local]
+        self.register_parameter("bias", nn.Parameter(torch.empty(local, **kw)) if bias else None)  # [out_local]
         _uniform_(self.weight, in_features)
         _uniform_(self.bias, in_features)
 
@@ -284,7 +285,7 @@ class RowParallelLinear(nn.Module):
         self.start, self.end = shard_range(in_features, self.rank, self.world_size, unit)
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_features, self.end - self.start, **kw))  # [out, in_local]
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None  # [out], replicated
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **kw)) if bias else None)  # [out]
         _uniform_(self.weight, in_features)
         _uniform_(self.bias, in_features)
 

@@ -18,7 +18,7 @@ real snapshot (tiny: ``<image>`` = 128815, small: 100003) goes through the same 
 ``add_eos_token: false`` (plain ``tokenizer(text)`` prepends BOS), pad = ``<｜▁pad▁｜>``. The processor does not rely
 on them: it encodes with ``add_special_tokens=False`` and adds BOS itself, as the official processor does.
 
-Lesson: notebook 02, section "Tokens".
+Lesson: notebook 03, section "From pixels to image tokens" (the token side).
 """
 from __future__ import annotations
 
@@ -60,20 +60,49 @@ Thank you for the question. Here is a short description of the scene.
 The first image and the second image are different: the colour of the square has changed.
 Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 20 42 100 128 256 384 512 768 999 1000 1024 2024.
 Is there a dog in the image? No, there is no dog. Is the circle red? Yes, the circle is red.
+People often say that learning a new language takes time, patience and a lot of practice every day.
+The train leaves the station at seven in the morning and arrives in the city before noon.
+She opened the window, looked at the garden and noticed that the flowers had started to grow again.
+Scientists measure the temperature of the water, the speed of the wind and the height of the waves.
+Our school library has books about history, geography, mathematics, music, art and computer science.
+When the weather is good we walk along the river, and when it rains we stay at home and read.
+The children played football in the park until their parents called them back for dinner.
+He bought bread, milk, cheese, apples, oranges, tomatoes and potatoes at the market on Saturday.
+A computer program reads the input, processes the data, and writes the result to a file.
+The model looks at every part of the image, then writes an answer one token after another.
+Large language models are trained on a great deal of text, while vision models learn from pictures.
+Each layer of the network transforms its input, and the final layer predicts the next word.
+Doctors, teachers, engineers, farmers, drivers and artists all work together in a small town.
+My friend lives in a beautiful old building near the centre, just across the bridge from the museum.
+Would you like some tea or coffee? I would like a glass of water, please, because I am thirsty.
+During the summer holidays, many families travel to the mountains, the lakes or the seaside.
+The company announced new products, better prices and faster delivery for its customers this year.
+Write a short story about a robot who wants to become a painter and learns to see colours.
+Although the road was long and difficult, they finally reached the village late in the evening.
+Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday are the days of the week.
+January, February, March, April, May, June, July, August, September, October, November, December.
+First, second, third, fourth, fifth: the runners crossed the line one after another.
+Please explain why the sky looks blue during the day and red or orange when the sun goes down.
+Important information should be clear, simple and easy to understand for everyone who reads it.
 """.split("\n")
     colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "brown", "pink"]
     shapes = ["circle", "square", "triangle", "star", "rectangle", "cross", "diamond", "ring"]
     relations = ["left of", "right of", "above", "below", "next to", "inside", "near"]
-    numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    places = ["top left", "top right", "bottom left", "bottom right", "center", "middle", "edge", "corner"]
+    sizes = ["small", "large", "big", "tiny", "medium", "long", "short", "wide"]
+    numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+               "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
     lines = [p for p in prose if p]
     for i, c in enumerate(colours):
         for j, s in enumerate(shapes):
-            r = relations[(i + j) % len(relations)]
+            r, pl, sz = relations[(i + j) % 7], places[(i * 3 + j) % 8], sizes[(i + 5 * j) % 8]
             c2, s2 = colours[(i + 3 * j + 1) % len(colours)], shapes[(2 * i + j + 1) % len(shapes)]
-            n = numbers[(i * j) % len(numbers)]
-            lines.append(f"There is a {c} {s} {r} the {c2} {s2}. I count {n} {s}s, {i + j} in total.")
-            lines.append(f"The {c} {s} is at [[{37 * i % 1000},{53 * j % 1000},{(37 * i + 211) % 1000},"
-                         f"{(53 * j + 307) % 1000}]].")
+            n = numbers[(i * j + i) % len(numbers)]
+            lines += [f"There is a {sz} {c} {s} {r} the {c2} {s2}. I count {n} {s}s, {i + j} in total.",
+                      f"How many {c} {s}s are there? There are {n}. What colour is the {s}? The {s} is {c}.",
+                      f"Which shape is {r} the {c2} {s2}? The {c} {s} is. Where is the {s}? In the {pl}.",
+                      f"The {c} {s} is at [[{37 * i % 1000},{53 * j % 1000},{(37 * i + 211) % 1000},"
+                      f"{(53 * j + 307) % 1000}]]. Find the {sz} {c2} {s2} in the {pl} of the image."]
     return lines
 
 
@@ -111,24 +140,33 @@ def build_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 102
             raise TokenizerError(f"internal: special token {t!r} got id {tok.token_to_id(t)}, expected {i}")
     if path is None:
         return tok
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(tok.to_str(pretty=True))
-    _write_json(os.path.join(path, "tokenizer_config.json"), _tokenizer_config(tok))
-    _write_json(os.path.join(path, "special_tokens_map.json"), {
-        "additional_special_tokens": ADDITIONAL_SPECIAL_TOKENS, "bos_token": BOS, "eos_token": EOS,
-        "pad_token": PAD})
+    save_tokenizer(tok, path)
     return load_tokenizer(path)
 
 
-def _tokenizer_config(tok) -> dict:
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in SPECIAL_TOKENS}
-    return {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added,
-            "additional_special_tokens": ADDITIONAL_SPECIAL_TOKENS, "bos_token": BOS,
-            "clean_up_tokenization_spaces": False, "eos_token": EOS, "legacy": True, "model_max_length": 4096,
-            "pad_token": PAD, "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizerFast",
-            "unk_token": None}
+def save_tokenizer(tok, path: str) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` in the layout of the
+    official snapshots, from a raw ``tokenizers.Tokenizer`` or a transformers fast tokenizer."""
+    backend = getattr(tok, "backend_tokenizer", tok)
+    names = {k: getattr(tok, k, None) or d for k, d in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD))}
+    added = backend.get_added_tokens_decoder()  # {id: AddedToken}
+    extra = [a.content for i, a in sorted(added.items()) if a.special and a.content not in names.values()]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(backend.to_str(pretty=True))
+    decoder = {str(i): {"content": a.content, "lstrip": a.lstrip, "normalized": a.normalized, "rstrip": a.rstrip,
+                        "single_word": a.single_word, "special": a.special} for i, a in sorted(added.items())}
+    _write_json(os.path.join(path, "tokenizer_config.json"), {
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder,
+        "additional_special_tokens": extra, **names, "clean_up_tokenization_spaces": False, "legacy": True,
+        "model_max_length": _max_length(tok), "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizerFast", "unk_token": None})
+    _write_json(os.path.join(path, "special_tokens_map.json"), {"additional_special_tokens": extra, **names})
+
+
+def _max_length(tok) -> int:
+    n = getattr(tok, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 10**7 else 4096  # the DeepSeek-VL2 context
 
 
 def _write_json(fn: str, obj: dict) -> None:
@@ -165,8 +203,8 @@ def load_tokenizer(path: str):
     special.setdefault("pad_token", PAD)
     tok = PreTrainedTokenizerFast(tokenizer_file=fn, model_max_length=cfg.get("model_max_length", 4096),
                                   padding_side="left", **special)
-    missing = [t for t in [special["bos_token"], special["eos_token"], IMAGE] if tok.convert_tokens_to_ids(t) in
-               (None, tok.unk_token_id) or t not in tok.get_vocab()]
+    vocab = tok.get_vocab()
+    missing = [t for t in (special["bos_token"], special["eos_token"], IMAGE) if t not in vocab]
     if missing:
         raise TokenizerError(f"{fn} lacks the special token(s) {missing}: not a DeepSeek-VL2 tokenizer")
     return tok

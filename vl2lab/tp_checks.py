@@ -13,7 +13,8 @@ Tolerances. Each comparison reports max |Δ|, its rule, ``exact`` (Δ == 0 every
   weight gradients, the gathered blocks), so the result *could* be bit-exact, and in float32 often
   is. It is not guaranteed: on MKL (the CPU BLAS here) the GEMM kernel and its blocking/vector order
   over K are chosen from the matrix shape, and a shard has a different N than the dense layer, so
-  some elements round differently by a few ulp (float64 differs for most shapes). The tolerance is the
+  some elements round differently by a few ulp (float64 differs for most shapes; cuBLAS on an H200
+  differs too in float32 and bfloat16, though not in float64). The tolerance is the
   bound for *any* summation order of K terms: |Δ| <= K·eps·max Σ|terms| (twice Higham's γ_K with
   u = eps/2), derived, not fitted: about 3e-6·Σ|terms| for K=24 in float32.
 * ``close`` — an all-reduce adds per-rank partial sums in an order the dense GEMM never used (row
@@ -29,11 +30,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .dist import device as _rank_device
 from .parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
-                       shard_range, split_sizes)
+                       gather_from_tp, shard_range, split_sizes)
 
-__all__ = ["check_layers", "article_column_allreduce", "article_row_as_batch_split", "shard_table",
-           "count_collectives"]
+__all__ = ["check_layers", "article_column_allreduce", "article_row_as_batch_split", "article_examples",
+           "shard_table", "count_collectives"]
 
 _CLOSE = {torch.float32: (1e-5, 1.3e-6), torch.float64: (1e-7, 1e-7)}
 
@@ -43,14 +45,6 @@ def _dtype(name) -> torch.dtype:
     if dt not in _CLOSE:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
     return dt
-
-
-def _rank_device() -> torch.device:
-    """The rank's device: cuda:LOCAL_RANK under NCCL, else CPU (CUDA is never touched otherwise)."""
-    if dist.get_backend() == "nccl":
-        import os
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -111,9 +105,25 @@ def check_layers(seed: int = 0, dtype: str = "float32", batch: int = 2, seq: int
     (11,11,10,10), vocab 50 (13,13,12,12). Checks: column (split and gathered output), row (split and
     whole input), vocab embedding, LM head, and a SwiGLU MLP (gate/up column, down row) whose forward
     all-reduces are counted by wrapping torch.distributed.all_reduce.
+
+    Tolerances (details in the module docstring): copies 0; the same dot products as the dense layer
+    K·eps·max Σ|terms| (bit-exactness is reported, not required: MKL is not bit-exact across shard
+    widths); sums an all-reduce reorders: assert_close defaults (float32 atol 1e-5, rtol 1.3e-6;
+    float64 1e-7, 1e-7). TF32 is switched off for the duration.
+    Returns {rank, world_size, backend, device, dtype, checks: {name: {max_abs_diff, rule, atol, rtol,
+    exact, pass}}, mlp_forward_all_reduces, mlp_forward_all_gathers, mlp_backward_all_reduces,
+    same_dot_products_bit_exact, all_pass}.
     """
-    dt, dev = _dtype(dtype), _rank_device()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: the tolerances assume true float32 GEMMs
+    try:
+        return _check_layers(seed, _dtype(dtype), batch, seq, hidden, heads, head_dim, intermediate, vocab)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, vocab) -> dict:
+    dev, rank, world = _rank_device(), dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(seed)  # same stream on every rank
 
     def randn(*shape):
@@ -200,6 +210,8 @@ def check_layers(seed: int = 0, dtype: str = "float32", batch: int = 2, seq: int
     yp.backward(gy)
     rep.add("lm_head.logits", yp, y, "reorder", hidden, _abs_mm(x.reshape(bt, -1), head.weight.T))
     rep.add("lm_head.grad_x", xp.grad, xd.grad, "close")
+    with torch.no_grad():  # the same gather, with the widths exchanged instead of given
+        rep.add("lm_head.gather_widths_exchanged", gather_from_tp(F.linear(x, par.weight)), yp, "copy")
     rep.add("lm_head.grad_w", par.weight.grad, head.weight.grad[par.start:par.end], "reorder", bt,
             _abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
 
@@ -276,6 +288,8 @@ def article_column_allreduce(seed: int = 0, batch: int = 4, in_features: int = 6
     dist.all_reduce(summed)  # Σ_r Y_r: [B, out/N] — the article's finish
     gathered = _gather_cat(partial, 1, sizes)  # [B, out] — the correct finish
     shape_ok = tuple(summed.shape) == tuple(dense.shape)
+    rep = _Report(dt)  # the gathered blocks are the same dot products: reorder(K=in) rule
+    rep.add("allgather", gathered, dense, "reorder", in_features, _abs_mm(x, w))
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return {
         "rank": rank, "world_size": world,
@@ -284,7 +298,7 @@ def article_column_allreduce(seed: int = 0, batch: int = 4, in_features: int = 6
         "allreduce_equal": bool(shape_ok and torch.equal(summed, dense)),
         "allreduce_max_err_vs_own_block": float((summed - dense[:, s:e]).abs().max()),
         "allgather_shape": tuple(gathered.shape), "allgather_equal": bool(torch.equal(gathered, dense)),
-        "allgather_max_err": float((gathered - dense).abs().max()),
+        "allgather_max_err": float((gathered - dense).abs().max()), "allgather": rep.rows["allgather"],
         "x": cpu(x), "w": cpu(w), "dense": cpu(dense), "partial": cpu(partial), "allreduce_result": cpu(summed),
         "allgather_result": cpu(gathered),
     }
@@ -315,12 +329,13 @@ def article_row_as_batch_split(seed: int = 0, batch: int = 8, in_features: int =
     row = partial.clone()
     dist.all_reduce(row)
     rep = _Report(dt)
+    rep.add("batch_split", batch_split, dense, "reorder", in_features, _abs_mm(x, w))
     rep.add("row_parallel", row, dense, "close")
     el = w.element_size()
     return {
         "rank": rank, "world_size": world,
         "batch_split_equal": bool(torch.equal(batch_split, dense)),
-        "batch_split_max_err": float((batch_split - dense).abs().max()),
+        "batch_split_max_err": float((batch_split - dense).abs().max()), "batch_split": rep.rows["batch_split"],
         "w_bytes_total": w.numel() * el,
         "w_bytes_per_rank_batch_split": w.numel() * el,  # the whole W on every rank
         "w_bytes_per_rank_row_parallel": w_local.numel() * el,
@@ -353,3 +368,9 @@ def shard_table(out_features: int, in_features: int, world_size: int, unit: int 
             "column": column, "row": row,
             "column_finish": "output split: all-gather along the last dim if needed whole",
             "row_finish": "partial sums of full shape: one all-reduce, then the bias once"}
+
+
+def article_examples(seed: int = 0, dtype: str = "float32") -> dict:
+    """Both article reproductions in one rank function (one launch for the notebook cell)."""
+    return {"column_allreduce": article_column_allreduce(seed=seed, dtype=dtype),
+            "row_as_batch_split": article_row_as_batch_split(seed=seed, dtype=dtype)}
