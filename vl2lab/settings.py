@@ -143,3 +143,26 @@ def resolve(namespace: dict, *, min_world_size: int = 1, quiet: bool = False) ->
     if not quiet:
         print(s.summary())
     return s
+
+
+def hardware(settings: "Settings | None" = None) -> str:
+    """Name the hardware a result ran on, for titles and tables ("one NVIDIA H200", "CPU, 2 cores").
+
+    Read with ``nvidia-smi`` and ``os.cpu_count()``; CUDA is not initialised in this process.
+    """
+    if settings is not None and not settings.on_gpu:
+        return f"CPU, {os.cpu_count()} cores (CPU timings: not a GPU performance result)"
+    exe = shutil.which("nvidia-smi")
+    names = []
+    if exe:
+        try:
+            out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=20).stdout
+            names = [n.strip() for n in out.splitlines() if n.strip()]
+        except (OSError, subprocess.SubprocessError):
+            names = []
+    if not names:
+        return f"CPU, {os.cpu_count()} cores (CPU timings: not a GPU performance result)"
+    n = len(names) if settings is None else min(len(names), max(1, settings.WORLD_SIZE))
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 8: "eight"}
+    return f"{words.get(n, str(n))} {names[0]}" + ("s" if n > 1 else "")

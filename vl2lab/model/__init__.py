@@ -1,0 +1,8 @@
+"""The DeepSeek-VL2 model: vision tower + projector (:mod:`.vision`), language model (:mod:`.language`), the whole
+model (:mod:`.vl2`) and greedy/sampled decoding (:mod:`.generation`).
+
+Lesson: notebook 01 (the language model) and notebook 03 (the vision side, the whole forward pass).
+"""
+from .vl2 import DeepseekVL2ForCausalLM, VL2Output, build_model
+
+__all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model"]

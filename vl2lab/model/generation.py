@@ -1,0 +1,96 @@
+"""Batched generation with a KV cache: greedy, or sampled with temperature and nucleus (top-p).
+
+Lesson: notebook 03, section "Generating text" (prefill once, then one token per step from the cache).
+
+Prefill runs the prompt embeddings [B, T, H] once (so image features can already be in them) and fills the
+cache; each decode step then feeds the B tokens just chosen and extends the padding mask by one column, so the
+positions (cumsum(mask) − 1) stay right for left-padded rows.
+
+Sampling at temperature τ and top-p::
+
+    p = softmax(logits / τ);  sort p descending;  keep the smallest prefix whose mass reaches top_p
+    (the first token always stays);  renormalise;  draw one token
+
+A row that produced EOS is finished: it gets ``pad_token_id`` from then on, and the loop stops when every row
+is finished (unless ``ignore_eos``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["generate", "sample_next", "top_p_filter"]
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the nucleus of mass ``top_p`` and renormalise. probs [B, V] → [B, V]."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p                 # mass strictly before each token
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the first token has before = 0: always kept
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row from logits [B, V]; temperature 0 (or below 1e-5) is greedy. → [B] int64."""
+    if temperature < 1e-5:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, ignore_eos: bool = False) -> torch.Tensor:
+    """New token ids [B, max_new_tokens] (``pad_token_id`` after a row's EOS, and in the columns never reached
+    because every row had finished).
+
+    ``model`` is a :class:`~vl2lab.model.language.DeepseekLanguageModel` or anything called the same way,
+    ``model(input_ids=…, inputs_embeds=…, attention_mask=…, cache=…, num_logits_to_keep=1) → (logits, cache)``;
+    it gets a static cache from ``model.new_cache(max_len)`` when it has that method, else ``cache=None`` at the
+    prefill and whatever it returned afterwards. EOS defaults to ``model.config.eos_token_id``, pad to EOS.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    B, T = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "config", None), "eos_token_id", None)
+    eos = torch.tensor([] if eos_token_id is None else
+                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                       dtype=torch.long, device=device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    if max_new_tokens == 0:
+        return out
+    mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
+        else attention_mask.to(device=device, dtype=torch.long)
+    cache = model.new_cache(T + max_new_tokens) if hasattr(model, "new_cache") else None
+
+    logits, cache = model(inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache, num_logits_to_keep=1)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        last = logits[:, -1].float()                                       # [B, V]
+        nxt = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
+        nxt = torch.where(done, pad, nxt)
+        out[:, step] = nxt
+        if not ignore_eos:
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits, cache = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, num_logits_to_keep=1)
+    return out
