@@ -58,12 +58,13 @@ def _redirect_output(log_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- watchdog
-def _same_process(pid: int, create_time: float) -> bool:
+def _same_process(pid: int, create_time: float | None) -> bool:
     import psutil
 
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() - create_time) < 0.05
+        same = create_time is None or abs(p.create_time() - create_time) < 0.05
+        return same and p.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -96,7 +97,8 @@ def _kill_launch(agent_pid: int, agent_ctime: float) -> None:
 
 def _watchdog(agent_pid: int, agent_ctime: float) -> None:
     launcher = os.environ.get("VL2LAB_LAUNCHER_PID")
-    launcher_ctime = float(os.environ.get("VL2LAB_LAUNCHER_CTIME", "0"))
+    ctime = os.environ.get("VL2LAB_LAUNCHER_CTIME")
+    launcher_ctime = float(ctime) if ctime else None
     while True:
         time.sleep(WATCHDOG_INTERVAL_S)
         launcher_gone = launcher is not None and not _same_process(int(launcher), launcher_ctime)
@@ -169,6 +171,12 @@ def _init_backend(requested: str, timeout_s: float):
     else:
         device = torch.device("cpu")
         dist.init_process_group(backend, timeout=timeout)
+    # Every rank has finished connecting before any returns: without this, a rank that ends fast
+    # and destroys the group can break a slower peer's gloo connectFullMesh.
+    if backend == "nccl":
+        dist.barrier(device_ids=[local_rank])
+    else:
+        dist.barrier()
     return backend, device
 
 
@@ -216,6 +224,7 @@ def _run_rank(args, status: dict) -> None:
         status.update(backend=backend, device=str(device))
         fn = _resolve(args.target)
         kwargs = torch.load(args.kwargs, weights_only=False) if args.kwargs else {}
+        status["fn_start_time"] = time.time()
         value = _to_cpu(fn(**kwargs))
     except BaseException as e:  # noqa: BLE001 — SystemExit and KeyboardInterrupt are rank failures too
         error, tb = e, traceback.format_exc()
@@ -231,13 +240,17 @@ def _run_rank(args, status: dict) -> None:
         _write_atomic(result_path, lambda f: torch.save(None, f))
     end = time.time()
     cuda_peak = None
-    if status.get("device", "cpu").startswith("cuda"):
+    if (status.get("device") or "cpu").startswith("cuda"):
         cuda_peak = int(torch.cuda.max_memory_allocated())
-    status.update(status="ok" if error is None else "error", end_time=end,
-                  duration_s=end - status["start_time"], peak_rss_bytes=_peak_rss_bytes(),
+    fn_start = status.get("fn_start_time", end)  # startup: interpreter, torch import, init
+    status.update(status="ok" if error is None else "error", end_time=end, duration_s=end - fn_start,
+                  startup_s=fn_start - status["start_time"], peak_rss_bytes=_peak_rss_bytes(),
                   peak_cuda_bytes=cuda_peak)
     if error is not None:
         status.update(exc_type=type(error).__name__, message=str(error), traceback=tb)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    status["log_bytes"] = os.path.getsize(status["log_path"])
     _write_json(os.path.join(args.run_dir, f"rank{rank}.status.json"), status)
     if error is not None:
         raise error
@@ -264,7 +277,8 @@ def main(argv=None) -> None:
     import psutil
 
     _write_json(os.path.join(args.run_dir, f"rank{rank}.pid.json"),
-                {"rank": rank, "pid": os.getpid(), "create_time": psutil.Process().create_time()})
+                {"rank": rank, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+                 "agent_pid": os.getppid(), "host": socket.gethostname()})
     _start_watchdog()
     status = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
               "world_size": int(os.environ.get("WORLD_SIZE", 1)), "status": "running",

@@ -1,0 +1,56 @@
+"""Rank functions used by tests/test_launch.py (importable, so fresh rank processes can run them)."""
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from vl2lab import dist as vdist
+
+
+def noop():
+    return None
+
+
+def rank_info(scale=1.0, tensor=None, array=None, env_names=()):
+    """All-reduce the ranks' ids; return what a test needs to see about the rank's environment."""
+    t = torch.tensor([float(vdist.rank())])
+    dist.all_reduce(t)
+    vdist.rank_print("hello from rank_info")
+    return {
+        "rank": vdist.rank(),
+        "world_size": vdist.world_size(),
+        "backend": dist.get_backend(),
+        "device": str(vdist.device()),
+        "rank_sum": t * scale,
+        "tensor_twice": None if tensor is None else tensor * 2,
+        "array": array,
+        "env": {name: os.environ.get(name) for name in env_names},
+        "transformers_imported": "transformers" in sys.modules,
+    }
+
+
+def fail_on(bad_rank=1, message="boom"):
+    """One rank raises; the others wait in a collective that can never complete."""
+    if vdist.rank() == bad_rank:
+        print("about to fail", flush=True)
+        raise ValueError(f"{message} in rank {bad_rank}")
+    vdist.barrier()
+    return "unreachable"
+
+
+def vanish_on(bad_rank=1, code=3):
+    """One rank leaves without any Python cleanup (no status file); the others wait."""
+    if vdist.rank() == bad_rank:
+        time.sleep(0.5)
+        os._exit(code)
+    vdist.barrier()
+    return "unreachable"
+
+
+def hang():
+    """Every rank sleeps forever (a deadlock stand-in)."""
+    while True:
+        time.sleep(0.5)

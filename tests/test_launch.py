@@ -1,0 +1,259 @@
+"""vl2lab.launch: values by rank, one clear error per failure, and no process left behind.
+
+Each torchrun launch costs seconds of imports on a small CI machine, so this file keeps to nine
+launches (gloo, world sizes 1 and 2). Every test that launches checks with psutil that no recorded
+process (torchrun agent, every rank) is still alive afterwards.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import launch_targets as T  # noqa: E402
+
+from vl2lab import launch  # noqa: E402
+from vl2lab.launch import RankFailedError, RankTimeoutError  # noqa: E402
+
+LONG = 240.0  # launch timeout for tests that should succeed (a loaded 2-core machine is slow)
+
+
+def _recorded(run_dir) -> list:
+    """(pid, create_time) of the torchrun agent and every rank that started, from the run dir."""
+    out = []
+    for f in Path(run_dir).iterdir():
+        if f.name.startswith("launch") and f.suffix == ".json":
+            d = json.loads(f.read_text())
+            out.append((d["agent_pid"], d["agent_ctime"]))
+        elif f.name.endswith(".pid.json"):
+            d = json.loads(f.read_text())
+            out.append((d["pid"], d["create_time"]))
+    return out
+
+
+def _alive(pid, ctime) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - ctime) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _assert_all_gone(run_dir, n_ranks, within=15.0):
+    procs = _recorded(run_dir)
+    assert len(procs) == 1 + n_ranks, f"expected the agent and {n_ranks} ranks, recorded {procs}"
+    deadline = time.monotonic() + within
+    while any(_alive(*p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in procs if _alive(*p)], "processes of the launch survived"
+
+
+def _wait_for_ranks(run_dir, n, within=180.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if len(list(Path(run_dir).glob("rank*.pid.json"))) == n and list(Path(run_dir).glob("launch*.json")):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# ------------------------------------------------------------------------------------ success paths
+def test_two_ranks_give_values_by_rank(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # must reach the ranks untouched
+    names = ("OMP_NUM_THREADS", "TMPDIR", "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE",
+             "PYTHONUNBUFFERED", "NCCL_NVLS_ENABLE")
+    res = launch.run(T.rank_info, world_size=2, backend="auto", timeout=LONG, stream=True,
+                     progress_after=0, scale=2.0, tensor=torch.arange(3.0), array=np.arange(4),
+                     env_names=names)
+    assert len(res) == 2 and res.world_size == 2 and res.backend == "gloo"
+    assert str(res) == ("RankResults: world_size=2, backend=gloo\n"
+                        "rank  status  backend  device\n"
+                        "0     ok      gloo     cpu\n"
+                        "1     ok      gloo     cpu")
+    cpus = len(os.sched_getaffinity(0))
+    for r in range(2):
+        v = res[r]
+        assert (v["rank"], v["world_size"], v["backend"], v["device"]) == (r, 2, "gloo", "cpu")
+        assert torch.equal(v["rank_sum"], torch.tensor([2.0]))  # (0 + 1) * scale
+        assert torch.equal(v["tensor_twice"], torch.arange(3.0) * 2)
+        np.testing.assert_array_equal(v["array"], np.arange(4))
+        env = v["env"]
+        assert env["OMP_NUM_THREADS"] == str(max(1, cpus // 2))
+        assert env["TMPDIR"].startswith(res.run_dir)
+        assert str(TESTS) in env["PYTHONPATH"].split(os.pathsep)
+        assert (env["GLOO_SOCKET_IFNAME"], env["HF_HUB_OFFLINE"], env["PYTHONUNBUFFERED"],
+                env["NCCL_NVLS_ENABLE"]) == ("lo", "1", "1", "0")
+        assert v["transformers_imported"] is False
+        rec = res.ranks[r]
+        assert rec.status == "ok" and rec.peak_cuda_bytes is None and rec.peak_rss_bytes > 0
+        status = json.loads(Path(res.run_dir, f"rank{r}.status.json").read_text())
+        assert status["status"] == "ok" and status["duration_s"] >= 0
+        assert Path(res.run_dir, f"rank{r}.result.pt").exists()
+        assert "hello from rank_info" in Path(rec.log_path).read_text()
+    assert len(set(res.pids)) == 2 and Path(res.run_dir).parent == tmp_path
+    assert "duration_s" in res.timings() and "peak_rss_MiB" in res.timings()
+    out, err = capsys.readouterr()
+    assert "[rank 0] hello from rank_info" in out and "[rank 1]" not in out  # stream: rank 0 only
+    assert "[vl2lab]" in err and "ranks finished" in err  # progress line
+    _assert_all_gone(res.run_dir, 2)
+
+
+def test_command_line_runs_and_prints_summary(tmp_path, capsys):
+    run_dir = tmp_path / "cli"
+    assert launch.main(["-n", "1", "--backend", "gloo", "--timeout", str(LONG),
+                        "--run-dir", str(run_dir), "launch_targets:noop"]) == 0
+    out = capsys.readouterr().out
+    assert "RankResults: world_size=1, backend=gloo\nrank  status  backend  device\n0     ok" in out
+    _assert_all_gone(run_dir, 1)
+
+
+def test_print_command_for_several_nodes(capsys):
+    argv = ["--print-command", "--nnodes", "2", "--nproc-per-node", "4",
+            "--rdzv-endpoint", "node0:29500", "launch_targets:noop"]
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    for part in ("--nnodes 2", "--node-rank $NODE_RANK", "--rdzv-backend c10d",
+                 "--rdzv-endpoint node0:29500", "--rdzv-id vl2lab-", "--nproc-per-node 4",
+                 "--max-restarts 0", "-m vl2lab._worker", "--target launch_targets:noop"):
+        assert part in out
+    assert "--standalone" not in out
+    single = launch.torchrun_command("m:f", 2, "/tmp/x")
+    assert "--standalone" in single and "--rdzv-id" not in single
+    a = launch.torchrun_command("m:f", 4, "/d", nnodes=2, node_rank=0, rdzv_endpoint="h:1")
+    b = launch.torchrun_command("m:f", 4, "/d", nnodes=2, node_rank=1, rdzv_endpoint="h:1")
+    assert a[a.index("--rdzv-id") + 1] == b[b.index("--rdzv-id") + 1]  # nodes meet in one rendezvous
+
+
+def test_functions_ranks_cannot_import_are_refused_before_launch(tmp_path):
+    def local():
+        pass
+
+    main_fn = lambda: None  # noqa: E731
+    main_fn.__module__, main_fn.__qualname__ = "__main__", "main_fn"
+    with pytest.raises(ValueError, match="__main__.*%%torchrun"):
+        launch.run(main_fn, run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="nested function"):
+        launch.run(local, run_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match="module:function"):
+        launch.run("launch_targets.noop")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        launch.run("no_such_module_anywhere:f")
+    with pytest.raises(ValueError, match="backend"):
+        launch.run(T.noop, backend="mpi")
+    assert not any(tmp_path.iterdir())  # nothing was launched
+
+
+# ------------------------------------------------------------------------------------------- faults
+def test_a_raising_rank_is_named_first(tmp_path):
+    with pytest.raises(RankFailedError) as info:
+        launch.run(T.fail_on, world_size=2, backend="gloo", timeout=LONG, run_dir=tmp_path / "r")
+    e = info.value
+    msg = str(e)
+    assert isinstance(e, RuntimeError) and not isinstance(e, RankTimeoutError)
+    assert e.first_rank == 1 and msg.startswith("rank 1 of 2 failed first: ValueError: boom in rank 1")
+    assert "Traceback" in msg and "launch_targets.py" in msg and "about to fail" in msg
+    assert "Other ranks:\n  rank 0: " in msg
+    assert [r.status for r in e.ranks][1] == "error" and e.ranks[1].exc_type == "ValueError"
+    assert json.loads(Path(e.run_dir, "rank1.status.json").read_text())["exc_type"] == "ValueError"
+    _assert_all_gone(e.run_dir, 2)
+
+
+def test_a_vanishing_rank_is_named(tmp_path):
+    with pytest.raises(RankFailedError) as info:
+        launch.run(T.vanish_on, world_size=2, backend="gloo", timeout=LONG, run_dir=tmp_path / "v")
+    e = info.value
+    assert e.first_rank == 1 and e.ranks[1].status == "missing"
+    assert str(e).startswith("rank 1 of 2 vanished without reporting (exit code 3)")
+    _assert_all_gone(e.run_dir, 2)
+
+
+def test_a_hang_ends_at_the_timeout(tmp_path):
+    with pytest.raises(RankTimeoutError) as info:
+        launch.run(T.hang, world_size=2, backend="gloo", timeout=20, run_dir=tmp_path / "h")
+    e = info.value
+    assert isinstance(e, RankFailedError) and e.never_reported == [0, 1]
+    assert "rank(s) 0, 1 never reported" in str(e)
+    _assert_all_gone(e.run_dir, 2)
+
+
+def test_keyboard_interrupt_stops_the_launch(tmp_path):
+    run_dir = tmp_path / "k"
+
+    def interrupt_when_started():
+        if _wait_for_ranks(run_dir, 2):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        launch.run(T.hang, world_size=2, backend="gloo", timeout=LONG, run_dir=run_dir)
+    _assert_all_gone(run_dir, 2)
+
+
+_LAUNCHER = """
+import sys, threading, time
+sys.path.insert(0, {tests!r})
+from vl2lab import launch
+args = dict(world_size=2, backend="gloo", timeout=600, run_dir={run_dir!r})
+if {in_thread}:  # main thread ends at once: only the atexit hook stops the launch
+    threading.Thread(target=launch.run, args=("launch_targets:hang",), kwargs=args, daemon=True).start()
+    while len(__import__("glob").glob({run_dir!r} + "/rank*.pid.json")) < 2:
+        time.sleep(0.2)
+else:
+    launch.run("launch_targets:hang", **args)
+"""
+
+
+@pytest.mark.parametrize("how", ["sigkill", "atexit"])
+def test_launcher_death_leaves_no_process(tmp_path, how):
+    """SIGKILL of the launching process: the ranks' watchdog kills the launch; normal exit: atexit."""
+    run_dir = tmp_path / how
+    code = textwrap.dedent(_LAUNCHER).format(tests=str(TESTS), run_dir=str(run_dir),
+                                             in_thread=how == "atexit")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(TESTS))
+    try:
+        assert _wait_for_ranks(run_dir, 2), "the ranks did not start"
+        if how == "sigkill":
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        _assert_all_gone(run_dir, 2, within=15.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -------------------------------------------------------------------------------------------- magic
+def test_torchrun_cell_magic_pushes_and_pulls(tmp_path, monkeypatch, capsys):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path / "runs"))
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "vl2lab.magic")
+    shell.user_ns["x"] = torch.tensor([10.0])
+    cell = "a = torch.tensor([float(rank)]) + x\nb = (world_size, str(device), dist.get_rank())\n"
+    shell.run_cell_magic("torchrun", f"-n 2 --backend gloo --timeout {LONG:g} --push x --pull a,b -o res",
+                         cell)
+    ns = shell.user_ns
+    assert [t.item() for t in ns["a"]] == [10.0, 11.0]
+    assert ns["b"] == [(2, "cpu", 0), (2, "cpu", 1)]
+    assert "rank  status  backend  device\n0     ok      gloo     cpu\n1     ok" in capsys.readouterr().out
+    _assert_all_gone(ns["res"].run_dir, 2)
+    with pytest.raises(UsageError, match="not defined"):
+        shell.run_cell_magic("torchrun", "-n 2 --push nope", "pass")

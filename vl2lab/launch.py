@@ -1,0 +1,694 @@
+"""Run a function on N ranks from a notebook, and get its return values back, indexed by rank.
+
+    res = vl2lab.launch.run("vl2lab.tasks.nb02:check_row_parallel", world_size=4, hidden=64)
+    res[0]        # rank 0's return value
+    res           # deterministic per-rank table (rank, status, backend, device)
+    res.timings() # durations and peak memory
+
+Each call starts a fresh ``torchrun`` in its own session (the rank side is ``vl2lab._worker``), so no
+CUDA or NCCL state lives in the notebook kernel, which never touches CUDA. Ranks report through files
+in a run dir (``rank{r}.status.json``, ``rank{r}.result.pt``, ``rank{r}.log``) that is kept afterwards.
+
+Failures surface as one exception naming the first failing rank: ``RankFailedError`` (a rank raised
+or vanished) or ``RankTimeoutError`` (the wall-clock ``timeout`` ran out). Timeouts nest:
+``init_process_group`` timeout (min(timeout, 120 s)) < launch ``timeout`` < notebook cell timeout.
+
+No process of a launch outlives it: the wait is wrapped in try/finally (errors, timeouts and
+KeyboardInterrupt all stop the agent and every rank: SIGTERM, a grace period, then SIGKILL, each
+rank's own process group included); an atexit hook stops launches still running when the kernel
+exits; and a watchdog thread in every rank kills the launch if the kernel is SIGKILLed.
+
+Lesson: notebook 00, section "Launching ranks".
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import codecs
+import importlib.util
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+__all__ = ["run", "RankResults", "RankRecord", "RankFailedError", "RankTimeoutError",
+           "torchrun_command", "recorded_pids", "survivors", "main"]
+
+GRACE_S = 5.0  # between SIGTERM and SIGKILL when a launch is stopped
+PROGRESS_EVERY_S = 10.0
+BACKENDS = ("auto", "gloo", "nccl")
+_ACTIVE: set = set()  # launches still running, stopped at exit
+
+
+# ------------------------------------------------------------------------------- results and errors
+@dataclass
+class RankRecord:
+    """What one rank reported, or what is known about it when it did not report."""
+
+    rank: int
+    status: str = "missing"  # "ok" | "error" | "missing" | "remote" (on another node)
+    value: Any = field(default=None, repr=False)
+    duration_s: float | None = None  # fn(**kwargs) itself, with moving the result to the CPU
+    startup_s: float | None = None  # rank start → fn start: interpreter, imports, process group
+    peak_rss_bytes: int | None = None
+    peak_cuda_bytes: int | None = None  # None on CPU
+    pid: int | None = None
+    log_path: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    exc_type: str | None = None
+    message: str | None = None
+    traceback: str | None = field(default=None, repr=False)
+    start_time: float | None = None
+    end_time: float | None = None
+    exitcode: int | None = None  # from torchrun's failure summary, when it printed one
+    log_bytes: int | None = None  # size of the log when the rank wrote its status
+    state: str = ""  # one line: what the rank was doing
+
+
+class _Text(str):
+    """A string shown as itself (no quotes) when it ends a notebook cell."""
+
+    def __repr__(self):
+        return str(self)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self))
+
+
+def _table(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+class RankResults:
+    """Return values of a launch indexed by global rank (``res[0]``), plus one RankRecord per rank."""
+
+    def __init__(self, ranks: list, world_size: int, run_dir: str, wall_s: float, agent_pid=None):
+        self.ranks, self.world_size, self.run_dir = ranks, world_size, run_dir
+        self.wall_s, self.agent_pid = wall_s, agent_pid
+        used = sorted({r.backend for r in ranks if r.backend})
+        self.backend = "/".join(used) or None
+
+    @property
+    def values(self) -> list:
+        return [r.value for r in self.ranks]
+
+    @property
+    def pids(self) -> list:
+        return [r.pid for r in self.ranks]
+
+    def __getitem__(self, rank):
+        return self.values[rank]
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def summary(self) -> _Text:
+        """Deterministic table (no times, PIDs or paths), safe for nbval-checked cells."""
+        rows = [(r.rank, r.status, r.backend or "-", r.device or "-") for r in self.ranks]
+        return _Text(f"RankResults: world_size={self.world_size}, backend={self.backend}\n"
+                     + _table(("rank", "status", "backend", "device"), rows))
+
+    def timings(self) -> _Text:
+        """Durations of fn in each rank and peak memory; varies run to run."""
+        def mib(b):
+            return "-" if b is None else f"{b / 2**20:.1f}"
+
+        def sec(s):
+            return "-" if s is None else f"{s:.3f}"
+
+        rows = [(r.rank, sec(r.startup_s), sec(r.duration_s), mib(r.peak_rss_bytes),
+                 mib(r.peak_cuda_bytes), r.pid or "-") for r in self.ranks]
+        head = ("rank", "startup_s", "duration_s", "peak_rss_MiB", "peak_cuda_MiB", "pid")
+        return _Text(_table(head, rows) + f"\nlaunch wall time {self.wall_s:.1f} s (torchrun, "
+                     f"imports, init and fn); run dir {self.run_dir}")
+
+    def __repr__(self) -> str:
+        return str(self.summary())
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self.summary()))
+
+
+class RankFailedError(RuntimeError):
+    """A rank raised or vanished, or torchrun failed. ``.ranks``: every rank's RankRecord."""
+
+    def __init__(self, message, ranks, run_dir, agent_pid=None, first_rank=None):
+        super().__init__(message)
+        self.ranks, self.run_dir, self.agent_pid, self.first_rank = ranks, run_dir, agent_pid, first_rank
+
+
+class RankTimeoutError(RankFailedError):
+    """The wall-clock timeout ran out; ``.never_reported`` lists the ranks that did not finish."""
+
+    @property
+    def never_reported(self) -> list:
+        return [r.rank for r in self.ranks if r.status == "missing"]
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _tail(path, n: int = 20, upto: int | None = None) -> str:
+    """Last n lines of a log; upto: only its first bytes (what a rank wrote before it failed)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(upto if upto is not None else -1).decode(errors="replace").splitlines()[-n:]
+    except (FileNotFoundError, TypeError):
+        return "  (no log)"
+    return "\n".join("  " + line for line in lines) or "  (empty log)"
+
+
+def _torchrun_summary(path: str):
+    """(exit code by global rank, root-cause rank) from torchrun's failure summary, if any."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return {}, None
+    pat = r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)"
+    codes = {int(r): int(c) for r, c in re.findall(pat, text)}
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", text, re.S)
+    return codes, (int(root.group(1)) if root else None)
+
+
+def _state(rec: RankRecord, timed_out: bool) -> str:
+    if rec.status == "ok":
+        return "ok"
+    if rec.status == "error":
+        first_line = ((rec.message or "").strip().splitlines() or [""])[0]
+        return f"error: {rec.exc_type}: {first_line[:200]}"
+    if rec.status == "remote":
+        return "on another node (its files are in that node's run dir)"
+    if rec.pid is None:
+        return "never reported (it did not start)"
+    if timed_out:
+        return "never reported (still running at the timeout; stopped)"
+    ec = rec.exitcode
+    if ec is None:
+        return "never reported (terminated before it finished)"
+    if ec == -signal.SIGTERM:
+        return "terminated by torchrun (SIGTERM) before it finished"
+    if ec < 0:
+        try:
+            return f"vanished: killed by {signal.Signals(-ec).name}"
+        except ValueError:
+            return f"vanished: killed by signal {-ec}"
+    return f"vanished without reporting (exit code {ec})"
+
+
+def collect_records(run_dir: str, world_size: int, multi: bool, timed_out: bool,
+                    node_tag: str = "") -> list:
+    """One RankRecord per global rank, from the files the ranks and torchrun left in run_dir."""
+    codes, _ = _torchrun_summary(os.path.join(run_dir, f"torchrun{node_tag}.log"))
+    records = []
+    for r in range(world_size):
+        path = os.path.join(run_dir, f"rank{r}")
+        rec = RankRecord(rank=r, exitcode=codes.get(r),
+                         log_path=path + ".log" if os.path.exists(path + ".log") else None)
+        rec.pid = (_read_json(path + ".pid.json") or {}).get("pid")
+        st = _read_json(path + ".status.json") or {}
+        for key in ("status", "duration_s", "startup_s", "peak_rss_bytes", "peak_cuda_bytes",
+                    "backend", "device", "exc_type", "message", "traceback", "start_time",
+                    "end_time", "pid", "log_bytes"):
+            if key in st:
+                setattr(rec, key, st[key])
+        if rec.status == "ok":
+            try:
+                import torch
+
+                # map_location: a CUDA tensor hidden in an odd container must not wake CUDA here
+                rec.value = torch.load(path + ".result.pt", map_location="cpu", weights_only=False)
+            except Exception as e:  # e.g. a class the launching process cannot import
+                rec.status, rec.exc_type, rec.traceback = "error", type(e).__name__, ""
+                rec.message = f"rank {r}'s result could not be loaded by the launcher: {e}"
+                rec.end_time = float("inf")
+        elif rec.status == "missing" and multi and rec.pid is None:
+            rec.status = "remote"
+        rec.state = _state(rec, timed_out)
+        records.append(rec)
+    return records
+
+
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|broken pipe|remote process exited|"
+                        r"connection refused|peer.*(crash|exit)", re.I)
+
+
+def _after_peer(rec: RankRecord) -> bool:
+    """An error that only says another rank went away (a consequence, not the cause)."""
+    return rec.exc_type in ("DistNetworkError", "DistBackendError") or bool(
+        _PEER_GONE.search(rec.message or ""))
+
+
+def failure_message(records: list, rc, run_dir: str, node_tag: str = ""):
+    """(message, first failing rank).
+
+    Order of blame: the earliest error that is not a "peer went away" error; then a rank that
+    vanished (no status file, exit code other than torchrun's SIGTERM); then the earliest
+    "peer went away" error; then any rank that never reported.
+    """
+    by_time = sorted((r for r in records if r.status == "error"), key=lambda r: r.end_time or 0.0)
+    missing = [r for r in records if r.status == "missing"]
+    _, root = _torchrun_summary(os.path.join(run_dir, f"torchrun{node_tag}.log"))
+    vanished = sorted((r for r in missing if r.exitcode not in (None, -signal.SIGTERM)),
+                      key=lambda r: r.rank != root)
+    started = [r for r in missing if r.pid is not None]
+    first = ([r for r in by_time if not _after_peer(r)] + vanished + by_time + started + missing
+             + [None])[0]
+    for r in by_time:
+        if r is not first and _after_peer(r):
+            r.state = "error after a peer went away: " + r.state[len("error: "):]
+    n = len(records)
+    agent_log = os.path.join(run_dir, f"torchrun{node_tag}.log")
+    if first is None:
+        lines = [f"torchrun exited with code {rc}, although every rank reported ok.",
+                 "", f"Last lines of {agent_log}:", _tail(agent_log)]
+    else:
+        if first.status == "error":
+            lines = [f"rank {first.rank} of {n} failed first: {first.exc_type}: {first.message}",
+                     "", f"Traceback (rank {first.rank}):", (first.traceback or "").rstrip()]
+        else:
+            lines = [f"rank {first.rank} of {n} {first.state}: the process ended without writing "
+                     "its status file (os._exit, a crash or the out-of-memory killer?)."]
+        lines += ["", f"Last lines of rank {first.rank}'s log ({first.log_path}), before it failed:",
+                  _tail(first.log_path, upto=first.log_bytes)]
+        if first.pid is None and first.log_path is None:
+            lines += ["", f"Last lines of {agent_log}:", _tail(agent_log)]
+    others = [r for r in records if r is not first]
+    if others:
+        lines += ["", "Other ranks:"] + [f"  rank {r.rank}: {r.state}" for r in others]
+    lines += ["", f"torchrun exit code {rc}; logs and status files in {run_dir}"]
+    return "\n".join(lines), (first.rank if first is not None else None)
+
+
+def timeout_message(records: list, timeout: float, run_dir: str) -> str:
+    never = [r for r in records if r.status == "missing"]
+    lines = [f"the launch did not finish within timeout={timeout:g} s; rank(s) "
+             f"{', '.join(str(r.rank) for r in never) or '-'} never reported.",
+             f"Every process of the launch was stopped (SIGTERM, then SIGKILL after {GRACE_S:g} s).",
+             "A rank waiting in a collective for a peer that never joins it waits until this "
+             "timeout; pass a larger timeout= for long jobs.", "", "Ranks:"]
+    lines += [f"  rank {r.rank}: {r.state}" for r in records]
+    if never:
+        lines += ["", f"Last lines of rank {never[0].rank}'s log ({never[0].log_path}):",
+                  _tail(never[0].log_path)]
+    lines += ["", f"logs and status files in {run_dir}"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _target_name(fn) -> str:
+    """'module:function' for a string or an importable function; one clear error otherwise."""
+    fix = ("Put the function in a .py module (for example write it with %%writefile mytask.py, then "
+           "`from mytask import f`) and pass the function or 'mytask:f'; or run a cell's code on N "
+           "ranks with the %%torchrun cell magic (%load_ext vl2lab.magic).")
+    if isinstance(fn, str):
+        module, sep, name = fn.partition(":")
+        parts = module.split(".") + name.split(".")
+        if not sep or not all(p.isidentifier() for p in parts):
+            raise ValueError(f"fn={fn!r}: expected 'module:function', e.g. 'vl2lab.tasks.nb02:check'.")
+    elif callable(fn):
+        module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+        if module is None or "<" in name:
+            raise ValueError(f"{name or fn!r} is a lambda, a nested function or has no module, so a "
+                             f"fresh rank process cannot import it. {fix}")
+    else:
+        raise TypeError(f"fn must be a 'module:function' string or a function, got {type(fn).__name__}")
+    if module == "__main__":
+        raise ValueError(f"{name} is defined in __main__ (a notebook cell or a script run directly); "
+                         f"each rank is a fresh Python process that cannot import it. {fix}")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"module {module!r} of fn={module}:{name} cannot be imported from this "
+                         "process's sys.path, so the ranks could not import it either.")
+    return f"{module}:{name}"
+
+
+def _runs_root() -> str:
+    return os.environ.get("VL2LAB_RUNS_DIR") or os.path.join(tempfile.gettempdir(), "vl2lab-runs")
+
+
+def _make_run_dir(run_dir, target: str, node_tag: str) -> str:
+    if run_dir is None:
+        root = _runs_root()
+        os.makedirs(root, exist_ok=True)
+        short = "".join(c if c.isalnum() else "_" for c in target.split(":")[-1])[:40]
+        return tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-{short}-", dir=root)
+    run_dir = os.path.abspath(run_dir)
+    if os.path.exists(os.path.join(run_dir, f"launch{node_tag}.json")):
+        raise ValueError(f"run_dir={run_dir} already holds a launch; pass a new folder (or None).")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- command and environment
+def _pythonpath() -> str:
+    """The parent's sys.path minus the interpreter's own folders ('' → the current folder)."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    stdlib = [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")]
+    skip = {os.path.realpath(p) for p in paths.values()}
+    skip |= {os.path.realpath(p) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    out: list[str] = []
+    for p in sys.path:
+        p = os.path.abspath(p or os.getcwd())
+        real = os.path.realpath(p)
+        if (not os.path.exists(p) or real in skip or p in out
+                or any(real.startswith(s + os.sep) for s in stdlib)):
+            continue
+        out.append(p)
+    return os.pathsep.join(out)
+
+
+def _rdzv_id(target: str, rdzv_endpoint: str, nnodes: int, nproc: int) -> str:
+    """Same on every node (each node computes it alone), so the nodes meet in one rendezvous."""
+    import hashlib
+
+    key = f"{target}|{rdzv_endpoint}|{nnodes}|{nproc}".encode()
+    return "vl2lab-" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def torchrun_command(target: str, nproc_per_node: int, run_dir: str, backend: str = "auto",
+                     init_timeout: float = 120.0, *, nnodes: int = 1, node_rank="0",
+                     rdzv_endpoint: str | None = None, kwargs_path: str | None = None,
+                     python: str = sys.executable) -> list[str]:
+    """The torchrun command line of one node (``--standalone`` on a single node)."""
+    cmd = [python, "-m", "torch.distributed.run"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        cmd += ["--standalone"]  # c10d rendezvous on localhost:0: a free port per launch
+    else:
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", rdzv_endpoint,
+                "--rdzv-id", _rdzv_id(target, rdzv_endpoint, nnodes, nproc_per_node)]
+    cmd += ["--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+            "--monitor-interval", "0.1", "-m", "vl2lab._worker", "--run-dir", run_dir,
+            "--target", target, "--backend", backend, "--init-timeout", f"{init_timeout:g}"]
+    return cmd + (["--kwargs", kwargs_path] if kwargs_path else [])
+
+
+def _rank_env(nproc: int, run_dir: str, single_node: bool, omp_threads, extra) -> dict:
+    env = dict(os.environ)  # keeps NCCL_NVLS_ENABLE, TORCH_SYMM_MEM_DISABLE_MULTICAST, ...
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tmp = os.path.join(run_dir, "tmp")  # torchrun leaves torchelastic_* folders in TMPDIR
+    os.makedirs(tmp, exist_ok=True)
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TMPDIR=tmp, PYTHONPATH=_pythonpath(),
+               OMP_NUM_THREADS=str(omp_threads or max(1, (cpus or 1) // nproc)),
+               VL2LAB_LAUNCHER_PID=str(os.getpid()),
+               VL2LAB_LAUNCHER_CTIME=repr(psutil.Process().create_time()))
+    if single_node:
+        env["MASTER_ADDR"] = "127.0.0.1"
+        if os.path.exists("/sys/class/net/lo"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+# ------------------------------------------------------------------------------ process bookkeeping
+def recorded_pids(run_dir: str, agent_pid: int | None = None) -> list[dict]:
+    """PIDs (with start times) that a launch recorded on this host: torchrun agents and ranks.
+
+    agent_pid: only that agent and its ranks (a run dir can be shared by several nodes).
+    """
+    out = []
+    for name in sorted(os.listdir(run_dir)):
+        info = _read_json(os.path.join(run_dir, name)) if name.endswith(".json") else None
+        if not info or info.get("host", socket.gethostname()) != socket.gethostname():
+            continue
+        if name.startswith("launch"):
+            pid, ctime, agent = info["agent_pid"], info["agent_ctime"], info["agent_pid"]
+        elif name.endswith(".pid.json"):
+            pid, ctime, agent = info["pid"], info["create_time"], info.get("agent_pid")
+        else:
+            continue
+        if agent_pid is None or agent == agent_pid:
+            out.append({"file": name, "pid": pid, "create_time": ctime})
+    return out
+
+
+def _process(pid: int, create_time: float | None):
+    """psutil.Process if that PID is still the same, un-reaped-or-running process, else None."""
+    try:
+        p = psutil.Process(pid)
+        if create_time is not None and abs(p.create_time() - create_time) > 0.05:
+            return None
+        return None if p.status() == psutil.STATUS_ZOMBIE else p
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def survivors(run_dir: str) -> list:
+    """Recorded processes of a launch that are still alive (zombies count as gone)."""
+    procs = [_process(d["pid"], d["create_time"]) for d in recorded_pids(run_dir)]
+    return [p for p in procs if p is not None]
+
+
+def _signal(procs, sig) -> None:
+    mine = os.getpgrp()
+    for p in procs:
+        try:
+            if not p.is_running():  # psutil compares start times: a reused PID is not ours
+                continue
+            if os.getpgid(p.pid) == p.pid != mine:  # a session leader: its whole group
+                os.killpg(p.pid, sig)
+            else:
+                p.send_signal(sig)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+
+
+class _Launch:
+    """One running torchrun: its Popen, run dir and the PIDs it has reported so far."""
+
+    def __init__(self, cmd, env, run_dir, node_tag):
+        self.run_dir, self.t0 = run_dir, time.monotonic()
+        self.log = open(os.path.join(run_dir, f"torchrun{node_tag}.log"), "ab")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:
+            self.agent_ctime = psutil.Process(self.proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            self.agent_ctime = None
+        with open(os.path.join(run_dir, f"launch{node_tag}.json"), "w") as f:
+            json.dump({"agent_pid": self.proc.pid, "agent_ctime": self.agent_ctime,
+                       "launcher_pid": os.getpid(), "host": socket.gethostname(),
+                       "command": cmd}, f, indent=1)
+        _ACTIVE.add(self)
+
+    def processes(self) -> list:
+        found = {}
+        agent = _process(self.proc.pid, self.agent_ctime)
+        if agent is not None:
+            found[agent.pid] = agent
+            try:
+                found.update((c.pid, c) for c in agent.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for d in recorded_pids(self.run_dir, self.proc.pid):
+            p = _process(d["pid"], d["create_time"])
+            if p is not None:
+                found[p.pid] = p
+        return [p for p in found.values() if _process(p.pid, None) is not None]
+
+    def stop(self, grace: float = GRACE_S) -> None:
+        """SIGTERM the agent and every rank (with their process groups), then SIGKILL survivors."""
+        procs = self.processes()
+        if procs:
+            _signal(procs, signal.SIGTERM)
+            if _wait_gone(procs, grace):
+                _signal(self.processes() + procs, signal.SIGKILL)
+                _wait_gone(procs, 5.0)
+        try:
+            self.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+        _ACTIVE.discard(self)
+
+
+def _wait_gone(procs, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _process(p.pid, None) is not None]
+    return alive
+
+
+@atexit.register
+def _stop_all() -> None:
+    for launch in list(_ACTIVE):
+        launch.stop(grace=2.0)
+
+
+class _Tail:
+    """Copies new text of a growing log file to sys.stdout (stream=True)."""
+
+    def __init__(self, path: str):
+        self.path, self.pos = path, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self.pos += len(data)
+        text = self.decoder.decode(data)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
+def _wait(launch: _Launch, timeout, stream, progress_after, expected: int):
+    """Exit code of torchrun, or None when the wall-clock timeout ran out."""
+    tail = _Tail(os.path.join(launch.run_dir, "rank0.log")) if stream else None
+    next_progress = progress_after
+    while True:
+        try:
+            rc = launch.proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if tail is not None:
+            tail.pump()
+        if rc is not None:
+            return rc
+        elapsed = time.monotonic() - launch.t0
+        if elapsed > timeout:
+            return None
+        if progress_after is not None and elapsed >= next_progress:
+            done = sum(n.endswith(".status.json") for n in os.listdir(launch.run_dir))
+            print(f"[vl2lab] {elapsed:.0f} s: {done}/{expected} ranks finished",
+                  file=sys.stderr, flush=True)
+            next_progress = elapsed + PROGRESS_EVERY_S
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, *,
+        stream: bool = False, progress_after: float | None = 15.0, run_dir: str | None = None,
+        nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+        env: dict | None = None, omp_threads: int | None = None, **kwargs) -> RankResults:
+    """Call ``fn(**kwargs)`` in every rank of a fresh torchrun launch; return the values by rank.
+
+    ``fn``: ``"module:function"`` or a function whose module the ranks can import (not __main__).
+    ``world_size``: ranks in total (``world_size // nnodes`` per node). ``backend``: auto|gloo|nccl.
+    ``timeout``: wall-clock seconds for the whole launch. ``stream``: copy rank 0's output here.
+    ``progress_after``: seconds before a progress line appears on stderr (None: never).
+    ``nnodes``/``node_rank``/``rdzv_endpoint``: multi-node; run the same call on every node.
+    ``env``: extra environment variables for the ranks. ``omp_threads``: OMP_NUM_THREADS per rank.
+    ``**kwargs`` go to ``fn`` in every rank (sent with torch.save); names that run() itself takes
+    (``timeout``, ``env``, ...) cannot be forwarded this way: pass them inside a dict.
+    """
+    target = _target_name(fn)
+    if not isinstance(world_size, int) or world_size < 1 or nnodes < 1 or world_size % nnodes:
+        raise ValueError(f"world_size={world_size!r} must be a positive int divisible by nnodes={nnodes}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    if not timeout or timeout <= 0:
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+    multi = nnodes > 1 or rdzv_endpoint is not None
+    if multi and not rdzv_endpoint:
+        raise ValueError("a multi-node launch needs rdzv_endpoint='HOST:PORT' (reachable from all nodes)")
+    nproc = world_size // nnodes
+    node_tag = f".node{node_rank}" if multi else ""
+    run_dir = _make_run_dir(run_dir, target, node_tag)
+    kwargs_path = None
+    if kwargs:
+        import torch
+
+        kwargs_path = os.path.join(run_dir, "kwargs.pt")
+        torch.save(kwargs, kwargs_path)
+    cmd = torchrun_command(target, nproc, run_dir, backend, max(10.0, min(timeout, 120.0)),
+                           nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                           kwargs_path=kwargs_path)
+    launch = _Launch(cmd, _rank_env(nproc, run_dir, not multi, omp_threads, env), run_dir, node_tag)
+    try:
+        rc = _wait(launch, timeout, stream, progress_after, nproc)
+    finally:  # also on KeyboardInterrupt: nothing of the launch may outlive this call
+        launch.stop()
+    wall = time.monotonic() - launch.t0
+    records = collect_records(run_dir, world_size, multi, timed_out=rc is None, node_tag=node_tag)
+    if rc is None:
+        msg = timeout_message(records, timeout, run_dir)
+        raise RankTimeoutError(msg, records, run_dir, launch.proc.pid)
+    res = RankResults(records, world_size, run_dir, wall, launch.proc.pid)
+    if rc != 0 or any(r.status in ("error", "missing") for r in records):
+        msg, first = failure_message(records, rc, run_dir, node_tag)
+        raise RankFailedError(msg, records, run_dir, launch.proc.pid, first)
+    return res
+
+
+# ------------------------------------------------------------------------------------ command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vl2lab.launch",
+                                description="Run module:function on N ranks (torchrun) and print "
+                                            "the per-rank summary, or print the command per node.")
+    p.add_argument("target", help="module:function")
+    p.add_argument("-n", "--nproc-per-node", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--stream", action="store_true", help="show rank 0's output live")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the torchrun command to run on each node instead of running")
+    a = p.parse_args(argv)
+    if a.print_command:
+        target = _target_name(a.target)
+        multi = a.nnodes > 1 or a.rdzv_endpoint is not None
+        if multi and not a.rdzv_endpoint:
+            p.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+        run_dir = a.run_dir or os.path.join("vl2lab-runs", target.replace(":", "-"))
+        cmd = torchrun_command(target, a.nproc_per_node, run_dir, a.backend,
+                               max(10.0, min(a.timeout, 120.0)), nnodes=a.nnodes,
+                               node_rank="NODE_RANK", rdzv_endpoint=a.rdzv_endpoint, python="python")
+        line = " ".join("$NODE_RANK" if c == "NODE_RANK" else shlex.quote(c) for c in cmd)
+        if multi:
+            print(f"# on each of the {a.nnodes} nodes, with NODE_RANK set to 0..{a.nnodes - 1}:")
+        print("PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 " + line)
+        return 0
+    try:
+        res = run(a.target, a.nproc_per_node * a.nnodes, a.backend, a.timeout, stream=a.stream,
+                  run_dir=a.run_dir, nnodes=a.nnodes, node_rank=a.node_rank,
+                  rdzv_endpoint=a.rdzv_endpoint)
+    except RankFailedError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(res.summary())
+    print(f"run dir: {res.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
