@@ -46,6 +46,8 @@ def test_notebook_shape(path):
     assert "settings.resolve(" in _src(nxt) and "nbval-check-output" in _tags(nxt), "resolve cell follows"
     heads = [_src(c).splitlines()[0].lower() for c in cells if c["cell_type"] == "markdown"
              and _src(c).startswith("## ")]
+    buried = [c for c in cells if c["cell_type"] == "markdown" and "\n## " in _src(c)]
+    assert not buried, "a section heading (##) must open its own markdown cell"
     assert any("summary" in h for h in heads) and any("exercises" in h for h in heads)
 
 

@@ -442,14 +442,15 @@ def _load_processor(path: str):
 
 
 def make_random_snapshot(path: str, preset: str = "random-tiny", seed: int = 0,
-                         max_shard_bytes: Optional[int] = None) -> str:
+                         max_shard_bytes: Optional[int] = None, dtype: torch.dtype = torch.float32) -> str:
     """Build a random model of ``preset`` with the project tokenizer and processor, save the whole snapshot
-    folder (config, weights, tokenizer, processor config) at ``path`` and return ``path``."""
+    folder (config, weights in ``dtype`` — the published snapshots are bfloat16 —, tokenizer, processor config)
+    at ``path`` and return ``path``."""
     from .model.vl2 import build_model
     from .processor import VL2Processor
     from .tokenizer import build_tokenizer
 
-    model = build_model(preset, seed=seed)
+    model = build_model(preset, seed=seed, dtype=dtype)
     cfg = model.config
     tokenizer = build_tokenizer(vocab_size=cfg.language_config.vocab_size, path=path)
     processor = VL2Processor(tokenizer, candidate_resolutions=cfg.candidate_resolutions,
