@@ -16,7 +16,7 @@ def noop():
 
 def rank_info(scale=1.0, tensor=None, array=None, env_names=()):
     """All-reduce the ranks' ids; return what a test needs to see about the rank's environment."""
-    t = torch.tensor([float(vdist.rank())])
+    t = torch.tensor([float(vdist.rank())], device=vdist.device())
     dist.all_reduce(t)
     vdist.rank_print("hello from rank_info")
     return {

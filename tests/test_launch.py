@@ -206,7 +206,7 @@ def test_keyboard_interrupt_stops_the_launch(tmp_path):
 
 _LAUNCHER = """
 import sys, threading, time
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {repo!r}]
 from vl2lab import launch
 args = dict(world_size=2, backend="gloo", timeout=600, run_dir={run_dir!r})
 if {in_thread}:  # main thread ends at once: only the atexit hook stops the launch
@@ -222,8 +222,8 @@ else:
 def test_launcher_death_leaves_no_process(tmp_path, how):
     """SIGKILL of the launching process: the ranks' watchdog kills the launch; normal exit: atexit."""
     run_dir = tmp_path / how
-    code = textwrap.dedent(_LAUNCHER).format(tests=str(TESTS), run_dir=str(run_dir),
-                                             in_thread=how == "atexit")
+    code = textwrap.dedent(_LAUNCHER).format(tests=str(TESTS), repo=str(TESTS.parent),
+                                             run_dir=str(run_dir), in_thread=how == "atexit")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(TESTS))
     try:
         assert _wait_for_ranks(run_dir, 2), "the ranks did not start"

@@ -4,7 +4,7 @@ torchrun starts this module once per rank (the command is built in ``vl2lab.laun
 
     python -m torch.distributed.run ... -m vl2lab._worker --run-dir DIR --target module:function
 
-What each rank does, in order (Lesson: notebook 00, section "Launching ranks"):
+What each rank does, in order (Lesson: notebook 00, sections 2 and 4):
 
 1. Send its own stdout and stderr to ``DIR/rank{r}.log`` and write ``DIR/rank{r}.pid.json``.
 2. Start a watchdog thread. Once a second it checks that the launching process (the notebook kernel,

@@ -4,7 +4,7 @@ They read the initialised ``torch.distributed`` process group, and fall back to 
 environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or to a single process, so the
 same task code also runs unlaunched in a plain Python session.
 
-Lesson: notebook 00, section "Launching ranks".
+Lesson: notebook 00, section 2 ("Ranks report in").
 """
 
 from __future__ import annotations

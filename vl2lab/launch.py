@@ -18,7 +18,8 @@ KeyboardInterrupt all stop the agent and every rank: SIGTERM, a grace period, th
 rank's own process group included); an atexit hook stops launches still running when the kernel
 exits; and a watchdog thread in every rank kills the launch if the kernel is SIGKILLed.
 
-Lesson: notebook 00, section "Launching ranks".
+Lesson: notebook 00, sections 2 ("Ranks report in"), 4 ("When a rank fails") and 5 ("What a
+launch costs").
 """
 
 from __future__ import annotations
@@ -252,8 +253,8 @@ def collect_records(run_dir: str, world_size: int, multi: bool, timed_out: bool,
     return records
 
 
-_PEER_GONE = re.compile(r"closed by peer|reset by peer|broken pipe|remote process exited|"
-                        r"connection refused|peer.*(crash|exit)", re.I)
+_PEER_GONE = re.compile(r"(closed|reset) by peer|broken pipe|socket closed|connection refused|"
+                        r"remote process exited|communicator was aborted|peer.*(crash|exit)", re.I)
 
 
 def _after_peer(rec: RankRecord) -> bool:
