@@ -1,6 +1,6 @@
 """DeepSeekMoE feed-forward: the SwiGLU MLP, the router, the routed experts and the MoE layer.
 
-Lesson: notebook 03, section "Mixture of experts" (routing, and why a grouped matmul beats a loop over experts).
+Lesson: notebook 01, section "Mixture of experts" (routing, and why a grouped matmul beats a loop over experts).
 
 For a token x (N tokens, E routed experts, top-k of them per token)::
 

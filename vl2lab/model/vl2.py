@@ -1,6 +1,6 @@
 """The whole DeepSeek-VL2: vision tower → projector → 2-D layout → scatter into the text embeddings → MoE LM.
 
-Lesson: notebook 03, "One forward pass, end to end".
+Lesson: notebook 01, "One forward pass, end to end".
 
 For a batch of prompts (left-padded), with T positions and D = LM hidden::
 
