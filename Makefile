@@ -28,9 +28,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@rm -rf $(VENV)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "vl2lab needs Python 3.10 or newer"'
 	@$(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	@set -o pipefail; $(PY) -m pip install -q -r requirements.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
-	@set -o pipefail; $(PY) -m pip install -q --no-deps -e . 2>&1 | { grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true; }
+	@$(PY) -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 || true
+	@$(PY) -m pip install -q -r requirements.txt >> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(PY) -m pip install -q --no-deps -e . >> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	@$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (vl2lab)" >/dev/null
 	@touch $@
 	@echo "[vl2lab] environment ready"

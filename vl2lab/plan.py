@@ -544,7 +544,9 @@ def show_planner(**defaults):
         from IPython.display import display
     except ImportError:
         return box
-    if get_ipython() is not None:  # a stable text/plain stands in for the widget's repr in saved outputs
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:  # in a Jupyter kernel only
+        # a stable text/plain stands in for the widget's repr in saved outputs
         display({"application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
                                                               "model_id": box.model_id},
                  "text/plain": "[planner panel: change a control to re-plan]"}, raw=True)
