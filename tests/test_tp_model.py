@@ -45,9 +45,16 @@ def combos(snapshots):
 @pytest.fixture(scope="module")
 def single_device(combos):
     """World size 1, in this process: the sharding code with no process group, and the dense reference."""
+    import torch
+
     from vl2lab.deploy_checks import compare_all
 
-    return compare_all(combos, max_new_tokens=MAX_NEW)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # like each launched rank; several threads on a busy 2-core machine crawl
+    try:
+        return compare_all(combos, max_new_tokens=MAX_NEW)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=["ws1", "ws2", "ws4"])
@@ -84,6 +91,7 @@ def test_greedy_tokens_identical_to_single_device(world, combos):
         assert len(out["results"]) == len(combos)
     for ws, rank, key, res in _each(world):
         assert res["tokens_equal"], f"ws={ws} rank={rank} {key}: {res['tokens']} vs {res['dense_tokens']}"
+        assert res["in_place_equals_loaded"], f"ws={ws} rank={rank} {key}: shard_model != load_sharded"
         assert res["tokens"]["pair"].shape == (2, MAX_NEW)
 
 

@@ -1,6 +1,6 @@
 """Rank functions for the whole model on N ranks: the sharded model against the single-device one, and a deployment.
 
-Lesson: notebook 04 ("The whole model on N ranks"), sections 4-6.
+Lesson: notebook 04 (full 4-GPU deployment), sections 4-6.
 
 Every public function except :func:`describe_rank` runs on every rank (``vl2lab.run`` initialises the process
 group; without one they run as world size 1) and returns plain data.
@@ -71,15 +71,22 @@ def _snapshot(model: str, seed: int, group) -> tuple[str, bool]:
     return path[0], True
 
 
+def _barrier(group) -> None:
+    if _rank_world(group)[1] > 1:
+        if dist.get_backend(group) == "nccl":
+            dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier(group=group)
+
+
 def _cleanup(path: str, made: bool, group) -> None:
-    rank, world = _rank_world(group)
-    if world > 1:
-        dist.barrier(group=group)
+    rank, _ = _rank_world(group)
+    _barrier(group)
     if made and rank == 0:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _batches(processor, with_image: bool) -> dict:
+def _batches(processor, with_image: bool, device="cpu") -> dict:
     """'single': one prompt (with one 1×1-tile image: 2 tiles); 'pair': two prompts of different lengths,
     left-padded (images 1×1 and 2×1: 5 tiles, so tile shares are uneven on 2 and 4 ranks)."""
     def conv(text, img):
@@ -88,17 +95,18 @@ def _batches(processor, with_image: bool) -> dict:
             user["images"] = [img]
         return [user, {"role": "<|Assistant|>", "content": ""}]
     a, b = (picture(300, 200, 0), picture(600, 300, 1)) if with_image else (None, None)
-    return {"single": processor(conversation=conv("What is in the picture?", a)),
-            "pair": processor(conversations=[conv("Describe it.", a),
-                                             conv("What colour is the biggest square in this picture?", b)])}
+    return {"single": processor(conversation=conv("What is in the picture?", a)).to(device),
+            "pair": processor(conversations=[conv("Describe it.", a), conv(
+                "What colour is the biggest square in this picture?", b)]).to(device)}
 
 
 def _logit_diff(got: torch.Tensor, ref: torch.Tensor, dtype) -> dict:
-    d = (got.double() - ref.double()).abs()
+    got, ref = got.double().cpu(), ref.double().cpu()
+    d = (got - ref).abs()
     out = {"max_abs_diff": float(d.max()), "exact": bool((d == 0).all())}
     if dtype in TOLERANCES:
         atol, rtol = TOLERANCES[dtype]
-        out.update(atol=atol, rtol=rtol, within_tol=bool((d <= atol + rtol * ref.double().abs()).all()))
+        out.update(atol=atol, rtol=rtol, within_tol=bool((d <= atol + rtol * ref.abs()).all()))
     return out
 
 
@@ -140,7 +148,16 @@ def _generate(model, batch, max_new_tokens: int, count: bool = False):
             tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     finally:
         hook.remove()
-    return tokens, first[0], c
+    return tokens.cpu(), first[0].cpu(), c
+
+
+def _same_as_sharded_in_place(sharded, path, group, moe, dtype, device) -> bool:
+    """Whether the whole model loaded, then sharded in place, holds exactly what ``load_sharded`` read."""
+    from .checkpoint import load_pretrained
+
+    in_place = shard_model(load_pretrained(path, dtype=dtype, device=device)[0], group=group, moe=moe)
+    a, b = in_place.state_dict(), sharded.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _run_combo(model, ref: dict, batches: dict, max_new_tokens: int, dtype) -> dict:
@@ -168,15 +185,18 @@ def _run_combo(model, ref: dict, batches: dict, max_new_tokens: int, dtype) -> d
 
 def compare_all(combos: Sequence[tuple] = (("random-tiny", "tp", "replicated"),), max_new_tokens: int = 8,
                 seed: int = 0, dtype: str = "float32", with_image: bool = True, group=None,
-                reference: Optional[dict] = None) -> dict:
+                reference: Optional[dict] = None, device=None) -> dict:
     """:func:`compare_with_dense` for each (model, moe, vision) of ``combos``, reusing each model's snapshot and
     dense reference, and each (model, moe) shard (the vision mode is switched in place). ``reference``: the
     single-device results of an earlier call ({model: its "reference" entry}), so that a launch need not
-    recompute them on every rank. → {"rank", "world_size", "results": {"model|moe|vision": result},
-    "reference": {model: {"single"/"pair": {"tokens", "logits"}}}}."""
+    recompute them on every rank. ``device``: this rank's device by default (cuda:LOCAL_RANK under NCCL).
+    → {"rank", "world_size", "results": {"model|moe|vision": result}, "reference": {model: {"single"/"pair":
+    {"tokens", "logits"}, "dense_param_bytes"}}}."""
     from .checkpoint import _load_processor, load_pretrained
+    from .dist import device as rank_device
 
     dt = as_dtype(dtype)
+    device = torch.device(device) if device is not None else rank_device()
     rank, world = _rank_world(group)
     results, refs = {}, {}
     for name in dict.fromkeys(c[0] for c in combos):
@@ -184,10 +204,10 @@ def compare_all(combos: Sequence[tuple] = (("random-tiny", "tp", "replicated"),)
         try:
             if reference and name in reference:
                 ref = reference[name]
-                batches = _batches(_load_processor(path), with_image)
+                batches = _batches(_load_processor(path), with_image, device)
             else:
-                dense, processor = load_pretrained(path, dtype=dt)
-                batches, ref = _batches(processor, with_image), {"dense_param_bytes": param_bytes(dense)}
+                dense, processor = load_pretrained(path, dtype=dt, device=device)
+                batches, ref = _batches(processor, with_image, device), {"dense_param_bytes": param_bytes(dense)}
                 for k, b in batches.items():
                     tokens, logits, _ = _generate(dense, b, max_new_tokens)
                     ref[k] = {"tokens": tokens, "logits": logits}
@@ -197,12 +217,13 @@ def compare_all(combos: Sequence[tuple] = (("random-tiny", "tp", "replicated"),)
                 sharded = None
                 for vision in [c[2] for c in combos if c[:2] == (name, moe)]:
                     if sharded is None:
-                        sharded, _ = load_sharded(path, group=group, moe=moe, vision=vision, dtype=dt, device="cpu")
+                        sharded, _ = load_sharded(path, group=group, moe=moe, vision=vision, dtype=dt, device=device)
+                        same = _same_as_sharded_in_place(sharded, path, group, moe, dt, device)
                     set_vision_mode(sharded, vision, group)
                     res = _run_combo(sharded, ref, batches, max_new_tokens, dt)
                     lc = sharded.config.language_config
-                    res.update(model=name, moe=moe, vision=sharded.tp_plan["vision"], layers=lc.num_hidden_layers,
-                               hidden=lc.hidden_size, vocab=lc.vocab_size,
+                    res.update(model=name, moe=moe, vision=sharded.tp_plan["vision"], in_place_equals_loaded=same,
+                               layers=lc.num_hidden_layers, hidden=lc.hidden_size, vocab=lc.vocab_size,
                                dense_param_bytes=ref["dense_param_bytes"], param_bytes=param_bytes(sharded),
                                load_report=dict(sharded.load_report), holds=describe_rank(sharded),
                                dense_tokens={k: ref[k]["tokens"] for k in batches})
@@ -215,7 +236,7 @@ def compare_all(combos: Sequence[tuple] = (("random-tiny", "tp", "replicated"),)
 
 def compare_with_dense(model: str = "random-tiny", moe: str = "tp", vision: str = "replicated",
                        max_new_tokens: int = 8, seed: int = 0, dtype: str = "float32", with_image: bool = True,
-                       group=None) -> dict:
+                       group=None, device=None) -> dict:
     """Load ``model`` (a preset: random weights written by rank 0 to a temp snapshot; or a snapshot folder)
     whole and sharded on every rank, run the same processor batches ('single': one image + prompt; 'pair': two
     left-padded prompts) through greedy generation on both. Returns tokens_equal, max_abs_logits over the
@@ -223,7 +244,7 @@ def compare_with_dense(model: str = "random-tiny", moe: str = "tp", vision: str 
     rank) and dense_param_bytes, load_report (bytes read from the snapshot), comm_per_token (collectives of
     one decode step, batch 1), comm_prefill, collectives_per_block ({"self_attn"/"mlp": {(all-reduces,
     all-gathers) seen per forward}}) and holds (:func:`describe_rank`)."""
-    out = compare_all(((model, moe, vision),), max_new_tokens, seed, dtype, with_image, group)
+    out = compare_all(((model, moe, vision),), max_new_tokens, seed, dtype, with_image, group, device=device)
     res = next(iter(out["results"].values()))
     return {"rank": out["rank"], "world_size": out["world_size"], **res}
 
@@ -322,7 +343,8 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
     return {"rank": rank, "world_size": world, "moe": moe, "vision": model.tp_plan["vision"], "dtype": dtype,
             "device": str(device), "random_weights": made, "prompt_tokens": int(batch["input_ids"].shape[1]),
             "answer": processor.decode(tokens[0]), "tokens": tokens.cpu(),
-            "memory": {"param_bytes": param_bytes(model), **model.load_report, **_peak_memory(device)},
+            "memory": {"param_bytes": param_bytes(model), **_peak_memory(device),
+                       **{k: v for k, v in model.load_report.items() if k not in ("rank", "world_size")}},
             "holds": describe_rank(model),
             "comm_per_token": c.calls["language"][1] if steps > 1 else None,
             "timings": {"load_s": load_s, "vision_embed_s": stamps[0] - t0 if stamps else None,

@@ -1,6 +1,6 @@
 """Per-rank loading: each rank reads only its own slices of a snapshot, straight from the safetensors files.
 
-Lesson: notebook 04 ("The whole model on N ranks"), section "Loading a shard without loading the model".
+Lesson: notebook 04 (full 4-GPU deployment), section "Loading a shard without loading the model".
 
 Every rank does the same four steps, with no communication::
 

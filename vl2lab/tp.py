@@ -1,6 +1,6 @@
 """Tensor and expert parallelism for the whole DeepSeek-VL2: shard a model in place on every rank.
 
-Lesson: notebook 04 ("The whole model on N ranks"), sections 1-3.
+Lesson: notebook 04 (full 4-GPU deployment), sections 1-3.
 
 Every rank starts from the same model; ``shard_model`` keeps this rank's slice of each split weight and swaps in
 the layers of :mod:`vl2lab.parallel`. The maths of one decoder layer on rank r (N ranks)::
@@ -17,6 +17,9 @@ the layers of :mod:`vl2lab.parallel`. The maths of one decoder layer on rank r (
                           their partial sum rides in the same all-reduce (``MoE.reduce``, shared_in_reduce=True).
     router, norms, kv_a_proj_with_mqa, kv_a_layernorm, projector, image_newline, view_seperator: replicated.
     embedding:  vocab rows split, one all-reduce (VocabParallelEmbedding); lm_head: vocab split, logits gathered.
+
+KV cache: MHA (tiny) caches K and V of the rank's own heads only (1/N of it, uneven with the heads); the MLA
+latent c and k_pe (small, base) are computed by the replicated kv_a_proj_with_mqa, so every rank caches all of it.
 
 Communication per generated token (L layers, batch B, hidden H, vocab V): 2L + 1 all-reduces of B·H values and
 one all-gather of the logits (B·V). Vision: ``replicated`` (every rank runs the tower on every tile, no
