@@ -351,3 +351,237 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
                         "prefill_s": stamps[1] - stamps[0] if stamps else None, "decode_s": decode_s,
                         "decode_steps": steps - 1, "new_tokens": n_new, "generate_s": total,
                         "decode_tokens_per_s": (steps - 1) / decode_s if decode_s > 0 else None}}
+
+
+# ------------------------------------------------------------------- notebook 04: the deployment in few launches
+def holdings_plan(config, world_size: int) -> dict:
+    """What each rank holds under ``moe`` = "tp" and "ep", computed from the config alone (no model, no launch):
+    {moe: [one row per rank] or the ShardingError message}. Row: heads (count and [start, end) of the head
+    index), vocab rows [start, end), dense / shared widths, experts [start, end) and expert width (moe="tp":
+    every expert, a slice of its width; moe="ep": whole experts). The counts are what :func:`describe_rank`
+    reports from a sharded model."""
+    from .parallel import shard_range
+    from .tp import MOE_MODES, check_plan, ffn_unit
+
+    lc = getattr(config, "language_config", config)
+    out = {}
+    for moe in MOE_MODES:
+        try:
+            check_plan(lc, world_size, moe)
+        except ShardingError as e:
+            out[moe] = str(e)
+            continue
+        rows = []
+        for r in range(world_size):
+            h = shard_range(lc.num_attention_heads, r, world_size)
+            row = {"rank": r, "heads": h[1] - h[0], "head_range": h,
+                   "vocab_rows": shard_range(lc.vocab_size, r, world_size)}
+            if any(not lc.is_moe_layer(i) for i in range(lc.num_hidden_layers)):
+                a, b = shard_range(lc.intermediate_size, r, world_size, ffn_unit(lc.intermediate_size, world_size))
+                row["dense_width"] = b - a
+            if lc.is_moe:
+                S = lc.moe_intermediate_size * (lc.n_shared_experts or 0)
+                if S:
+                    a, b = shard_range(S, r, world_size, ffn_unit(S, world_size))
+                    row["shared_width"] = b - a
+                I, E = lc.moe_intermediate_size, lc.n_routed_experts
+                if moe == "ep":
+                    row["experts"], row["expert_width"] = shard_range(E, r, world_size), I
+                else:
+                    a, b = shard_range(I, r, world_size, ffn_unit(I, world_size))
+                    row["experts"], row["expert_width"] = (0, E), b - a
+            rows.append(row)
+        out[moe] = rows
+    return out
+
+
+class _NoTF32:
+    """fp32 means fp32 in the comparisons: TF32 matmuls and convolutions off on CUDA inside the block (restored
+    after). Tiles split over ranks (vision="data_parallel") would otherwise meet other TF32 kernels than whole."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        return False
+
+
+def deploy_and_compare(snapshot_path: str, prompt: str, image_path: Optional[str] = None, moe: str = "tp",
+                       vision: str = "replicated", max_new_tokens: int = 16, dtype: str = "float32",
+                       compare_dtype: str = "float32", compare_new_tokens: int = 8,
+                       moe_modes: Sequence[str] = ("tp", "ep"),
+                       vision_modes: Sequence[str] = ("replicated", "data_parallel"), group=None) -> dict:
+    """Rank function, everything of one launch: :func:`deploy` (this rank's shard answers ``prompt`` about
+    ``image_path``; memory, collectives per token, timings), then :func:`compare_all` at ``compare_dtype`` for every
+    (moe, vision) of ``moe_modes`` × ``vision_modes`` against the whole model on this rank's device (TF32 off).
+    → {"deploy": deploy's dict, "compare": {"moe|vision": compare_all's result}}."""
+    out = {"deploy": deploy(snapshot_path, prompt, image_path, moe=moe, vision=vision,
+                            max_new_tokens=max_new_tokens, dtype=dtype, group=group)}
+    combos = [(snapshot_path, m, v) for m in moe_modes for v in vision_modes]
+    with _NoTF32():
+        res = compare_all(combos, max_new_tokens=compare_new_tokens, dtype=compare_dtype, group=group)
+    out["compare"] = {f"{r['moe']}|{r['vision']}": r for r in res["results"].values()}
+    return out
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _intervals_of(module, device, store: list):
+    """Hooks that append (t_start, t_end) of every forward of ``module`` to ``store``; returns the handles."""
+    def pre(*_):
+        _sync(device)
+        store.append([time.perf_counter(), None])
+
+    def post(*_):
+        _sync(device)
+        store[-1][1] = time.perf_counter()
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+def _timed_batch(fn, device, group) -> tuple:
+    """(result, seconds): every rank starts together (barrier) and the time runs until the last rank is done."""
+    _barrier(group)
+    t0 = time.perf_counter()
+    res = fn()
+    _sync(device)
+    _barrier(group)
+    return res, time.perf_counter() - t0
+
+
+def _free(device) -> None:
+    """Return the memory of the models just deleted (the caller drops its references first)."""
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def three_layouts(snapshot_path: str, n_requests: int = 8, max_new_tokens: int = 16, dtype: str = "float32",
+                  moe: str = "tp", vision: str = "replicated", layer_sizes: Optional[Sequence[int]] = None,
+                  group=None) -> dict:
+    """Rank function: the same requests (the first ``n_requests`` questions of the shapes task's eval split) in
+    three layouts of the ranks, each timed for one request alone (latency) and for all of them (throughput),
+    every answer ``max_new_tokens`` long (EOS ignored, so every layout does the same work):
+
+    * ``tp``: one model sharded over every rank (:func:`vl2lab.shard_loader.load_sharded`); all requests as one
+      batch.
+    * ``dp``: every rank loads the whole model and wraps it in DistributedDataParallel, as the source article
+      does; a ``DistributedSampler(shuffle=False)`` gives rank r the requests r, r+N, …, answered as one batch.
+      The lone request runs on rank 0 while the others wait. ``ddp_forward_collectives``: the all-reduces and
+      all-gathers one DDP forward makes (none: DDP only all-reduces gradients, in a backward pass).
+    * ``layer_split``: :mod:`vl2lab.layer_split` (consecutive layers per rank); all requests as one batch.
+
+    Per layout: this rank's parameter bytes, latency_s, batch_s (barrier to barrier: until the slowest rank is
+    done), the lone request's tokens and the compute intervals of its forwards on this rank (perf_counter: one
+    clock for every process of a host), the batch tokens of this rank's requests (``batch_index``)."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .checkpoint import load_pretrained
+    from .dist import device as rank_device
+    from .layer_split import PipelineLM, describe, generate as ls_generate, load_layer_split
+    from .scenes import answer_text, dataset
+
+    rank, world = _rank_world(group)
+    device = rank_device()
+    examples = list(dataset("eval", n_requests))
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, ignore_eos=True)
+    out = {"rank": rank, "world_size": world, "n_requests": n_requests, "max_new_tokens": max_new_tokens,
+           "questions": [ex.question.split("\n", 1)[-1] for ex in examples], "truth": [ex.answer for ex in examples]}
+
+    def batch_of(processor, idx):
+        return processor(conversations=[examples[i].conversation() for i in idx]).to(device, as_dtype(dtype))
+
+    # --- tensor (+ expert) parallel: one model over every rank
+    model, proc = load_sharded(snapshot_path, group=group, moe=moe, vision=vision, dtype=dtype, device=device)
+    one, every = batch_of(proc, [0]), batch_of(proc, range(n_requests))
+    model.generate(**one, max_new_tokens=2, do_sample=False)                     # warm-up
+    spans: list = []
+    hooks = _intervals_of(model.language, device, spans)
+    lone, lat = _timed_batch(lambda: model.generate(**one, **gen), device, group)
+    for h in hooks:
+        h.remove()
+    toks, bs = _timed_batch(lambda: model.generate(**every, **gen), device, group)
+    out["tp"] = {"param_bytes": param_bytes(model), "latency_s": lat, "batch_s": bs, "lone_tokens": lone.cpu(),
+                 "intervals": [tuple(s) for s in spans], "batch_index": list(range(n_requests)),
+                 "batch_tokens": toks.cpu(), "holds": describe_rank(model)}
+    del model, lone, toks
+    _free(device)
+
+    # --- data parallel: the whole model on every rank (DDP, as the article), a share of the requests each
+    model, proc = load_pretrained(snapshot_path, dtype=as_dtype(dtype), device=device)
+    ddp = model
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      process_group=group)
+    sampler = DistributedSampler(range(n_requests), num_replicas=world, rank=rank, shuffle=False)
+    mine = [i for k, i in enumerate(sampler) if rank + k * world < n_requests]   # padded slots skipped
+    with CommCounter() as c, torch.no_grad():
+        ddp(**one)                                                                # one forward, as the article
+    model.generate(**one, max_new_tokens=2, do_sample=False)                     # warm-up
+    spans = []
+    hooks = _intervals_of(model.language, device, spans)
+    lone, lat = _timed_batch(lambda: model.generate(**one, **gen) if rank == 0 else None, device, group)
+    for h in hooks:
+        h.remove()
+    share = batch_of(proc, mine) if mine else None
+    toks, bs = _timed_batch(lambda: model.generate(**share, **gen) if mine else None, device, group)
+    out["dp"] = {"param_bytes": param_bytes(model), "latency_s": lat, "batch_s": bs,
+                 "lone_tokens": lone.cpu() if lone is not None else None, "intervals": [tuple(s) for s in spans],
+                 "batch_index": mine, "batch_tokens": toks.cpu() if toks is not None else None,
+                 "ddp_forward_collectives": dict(c.totals), "wrapped_in_ddp": world > 1}
+    del ddp, model, lone, toks
+    _free(device)
+
+    # --- layer split: consecutive layers per rank, hidden states passed on with send/recv
+    model, proc = load_layer_split(snapshot_path, group=group, sizes=layer_sizes, dtype=dtype, device=device)
+    ls_generate(model, one, 2, group=group)                                      # warm-up
+    stage = PipelineLM(model, group)
+    lone, lat = _timed_batch(lambda: ls_generate(model, one, group=group, stage=stage, **gen), device, group)
+    toks, bs = _timed_batch(lambda: ls_generate(model, every, group=group, **gen), device, group)
+    out["layer_split"] = {"param_bytes": param_bytes(model), "latency_s": lat, "batch_s": bs,
+                          "lone_tokens": lone.cpu(), "intervals": list(stage.intervals),
+                          "batch_index": list(range(n_requests)), "batch_tokens": toks.cpu(),
+                          "holds": describe(model), "sent_bytes_per_forward": stage.sent_bytes / max(1, len(
+                              stage.intervals)), "broadcast_bytes_per_forward": stage.broadcast_bytes / max(
+                              1, len(stage.intervals))}
+    out["answers"] = [answer_text(proc, t) for t in toks] if rank == 0 else None
+    del model
+    _free(device)
+    return out
+
+
+def die_after_first_token(snapshot_path: str, dying_rank: int = 1, prompt: str = "Describe the image.",
+                          image_path: Optional[str] = None, moe: str = "tp", dtype: str = "float32",
+                          max_new_tokens: int = 8, exit_code: int = 3, group=None) -> dict:
+    """Rank function: the deployment of :func:`deploy`, except that rank ``dying_rank`` ends its process with
+    ``os._exit(exit_code)`` as soon as the first token is chosen (when the second forward starts), the way a
+    crash or the out-of-memory killer ends it: no exception, no status file. The other ranks wait for it in their
+    next collective until the launcher stops them; ``vl2lab.run`` then raises RankFailedError naming it."""
+    from PIL import Image
+
+    rank, world = _rank_world(group)
+    if not 0 <= dying_rank < world:
+        raise ValueError(f"dying_rank={dying_rank} is not a rank of this launch (0..{world - 1})")
+    model, processor = load_sharded(snapshot_path, group=group, moe=moe, dtype=dtype)
+    user = {"role": "<|User|>", "content": prompt}
+    if image_path:
+        user = {"role": "<|User|>", "content": "<image>\n" + prompt, "images": [Image.open(image_path).convert("RGB")]}
+    batch = processor(conversation=[user, {"role": "<|Assistant|>", "content": ""}])
+    batch = batch.to(next(model.parameters()).device, as_dtype(dtype))
+    calls = []
+
+    def maybe_die(*_):
+        calls.append(1)
+        if rank == dying_rank and len(calls) == 2:
+            print(f"[rank {rank}] first token chosen; this process now ends (os._exit({exit_code}))", flush=True)
+            os._exit(exit_code)
+    model.language.register_forward_pre_hook(maybe_die)
+    tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return {"rank": rank, "tokens": tokens.cpu()}                    # never reached when a rank died
