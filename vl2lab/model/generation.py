@@ -94,3 +94,77 @@ def generate(model, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         logits, cache = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, num_logits_to_keep=1)
     return out
+
+
+class _FromCache:
+    """Lets :func:`generate` continue from a cache that already holds the first positions of the prompt: its
+    ``new_cache`` hands over that cache, and its first call feeds only the prompt positions not cached yet."""
+
+    def __init__(self, lm, cache):
+        self.lm, self.cache, self.config = lm, cache, lm.config
+
+    def new_cache(self, max_len: int):
+        if max_len > self.cache.max_len:
+            raise ValueError(f"the prefilled cache holds {self.cache.max_len} positions, {max_len} are needed")
+        return self.cache
+
+    def __call__(self, input_ids=None, inputs_embeds=None, cache=None, **kw):
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds[:, cache.seq_len:]                # [B, T − cached, H]
+        return self.lm(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, **kw)
+
+
+@torch.no_grad()
+def chunked_prefill(model, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    chunk_size: int = 512, max_new_tokens: int = 0, *, num_logits_to_keep: int = 1,
+                    max_len: Optional[int] = None, **generate_kwargs):
+    """Incremental prefilling: run the prompt through the KV cache ``chunk_size`` positions at a time.
+
+    Lesson: notebook 01, section "The source article's size claims" (fitting small into 40 GB).
+
+    A one-shot prefill holds the activations of all T prompt positions at once (attention scores that
+    materialise grow as T², the MoE's gathered inputs and the logits as T). Chunk c = [s, e) attends to the
+    cached positions [0, s) and to itself, with the positions written out explicitly::
+
+        positions = cumsum(mask) − 1   (clamped at 0: left padding)      chunk c gets positions[:, s:e]
+        logits_c, cache = LM(embeds[:, s:e], mask[:, :e], positions[:, s:e], cache)
+
+    so the transient memory is that of ``chunk_size`` queries against at most T keys, while the cache (static,
+    allocated once for the whole sequence) is the same as in one shot. Every position sees exactly the keys it
+    sees in one shot, so the results agree up to float rounding (the matmuls have other shapes).
+
+    ``model``: a :class:`~vl2lab.model.language.DeepseekLanguageModel` or a whole ``DeepseekVL2ForCausalLM`` (its
+    ``language`` is used; ``inputs_embeds`` then come from ``model.prepare_inputs_embeds(...)``).
+
+    * ``max_new_tokens=0``: prefill all T positions → (logits [B, k, V] fp32 of the last chunk's last
+      ``num_logits_to_keep`` positions (0 = all of them, as the official HF forward computes), the cache, sized
+      ``max_len`` (default T)).
+    * ``max_new_tokens > 0``: the official ``incremental_prefilling`` then ``generate``: the first T − 1
+      positions in chunks, then :func:`generate` (with ``generate_kwargs``) runs the last prompt position and
+      decodes → new token ids [B, max_new_tokens], the same as ``generate`` with a one-shot prefill.
+
+    The official code also moves the cache to the CPU between chunks; vl2lab's cache is static and stays put.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    lm = getattr(model, "language", model)
+    B, T = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
+        else attention_mask.to(device=device, dtype=torch.long)
+    if mask.shape != (B, T):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, the prompt embeddings need ({B}, {T})")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)                          # [B, T]
+    todo = T if max_new_tokens == 0 else T - 1
+    cache = lm.new_cache(max_len or (T + max_new_tokens))
+    logits = None
+    for s in range(0, todo, chunk_size):
+        e = min(s + chunk_size, todo)
+        logits, cache = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
+                           position_ids=positions[:, s:e], cache=cache, num_logits_to_keep=num_logits_to_keep)
+    if max_new_tokens == 0:
+        return logits, cache
+    kw = dict(generate_kwargs)
+    if kw.get("pad_token_id") is None and getattr(model, "pad_token_id", None) is not None:
+        kw["pad_token_id"] = model.pad_token_id
+    return generate(_FromCache(lm, cache), inputs_embeds, mask, max_new_tokens, **kw)

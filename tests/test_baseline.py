@@ -1,0 +1,197 @@
+"""Notebook 01's package side: model resolution, parameter accounting, token layout, memory measurement, chunked
+prefill (equal to one shot), the profile and prefill-memory rank functions (run in-process), and their plots."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from vl2lab import baseline, sizing
+from vl2lab.config import get_config
+from vl2lab.model import build_model
+from vl2lab.model.generation import chunked_prefill, generate
+
+
+# ------------------------------------------------------------------------------------------ chunked prefill
+
+def _prompt(lm, seed=0, B=2, T=37):
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(B, T, lm.config.hidden_size, generator=g) * 0.5
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :5] = 0                                                   # a left-padded row
+    return embeds, mask
+
+
+@pytest.mark.parametrize("preset", ["random-tiny", "random-small", "random-base"])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 100])
+def test_chunked_prefill_equals_one_shot(preset, chunk):
+    lm = build_model(preset, seed=1).language
+    embeds, mask = _prompt(lm)
+    T = embeds.shape[1]
+    with torch.no_grad():
+        ref, ref_cache = lm(inputs_embeds=embeds, attention_mask=mask, cache=lm.new_cache(T), num_logits_to_keep=1)
+    logits, cache = chunked_prefill(lm, embeds, mask, chunk)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert cache.seq_len == T and cache.max_len == T
+    for a, b in zip(cache.buffers, ref_cache.buffers):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["random-tiny", "random-small"])
+def test_chunked_prefill_then_generate_equals_generate(preset):
+    model = build_model(preset, seed=2)
+    embeds, mask = _prompt(model.language, seed=3)
+    want = generate(model.language, embeds, mask, 6)
+    for chunk in (1, 7, 512):
+        got = chunked_prefill(model, embeds, mask, chunk, max_new_tokens=6)   # the whole VL2 model works too
+        assert torch.equal(got, want)
+
+
+def test_chunked_prefill_all_logits_and_errors():
+    lm = build_model("random-tiny").language
+    embeds, mask = _prompt(lm, T=20)
+    with torch.no_grad():
+        ref, _ = lm(inputs_embeds=embeds, attention_mask=mask, cache=lm.new_cache(20))
+    logits, _ = chunked_prefill(lm, embeds, mask, 8, num_logits_to_keep=0)
+    assert logits.shape == (2, 4, lm.config.vocab_size)                # the last chunk holds positions 16..19
+    torch.testing.assert_close(logits, ref[:, 16:], atol=1e-5, rtol=1e-5)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="chunk_size"):
+            chunked_prefill(lm, embeds, mask, bad)
+    with pytest.raises(ValueError, match="attention_mask"):
+        chunked_prefill(lm, embeds, mask[:, 1:], 4)
+
+
+def test_chunked_prefill_with_images(tiny_model):
+    model, processor = tiny_model
+    from vl2lab.scenes import make_example
+    b = processor(conversation=make_example(5, "colour").conversation())
+    embeds = model.prepare_inputs_embeds(b["input_ids"], b["images"], b["images_seq_mask"], b["images_spatial_crop"])
+    want = model.generate(**b, max_new_tokens=4, do_sample=False)
+    assert torch.equal(chunked_prefill(model, embeds, b["attention_mask"], 64, max_new_tokens=4), want)
+
+
+# ------------------------------------------------------------------------------------------ model resolution
+
+def test_resolve_model(tmp_path, tiny_snapshot, monkeypatch):
+    r = baseline.resolve_model(tiny_snapshot)
+    assert r["source"] == "folder" and r["path"] == os.path.abspath(tiny_snapshot)
+    monkeypatch.setattr(baseline, "MICRO_DIR", tmp_path / "nowhere")
+    with pytest.raises(baseline.BaselineError, match="vl2-micro"):
+        baseline.resolve_model("vl2-micro")
+    with pytest.raises(baseline.BaselineError, match="neither"):
+        baseline.resolve_model("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(baseline.BaselineError, match="config.json"):
+        baseline.resolve_model(str(tmp_path / "empty"))
+    r = baseline.resolve_model("random-tiny", cache_dir=str(tmp_path))
+    assert r["source"] == "random" and os.path.isfile(os.path.join(r["path"], "config.json"))
+    assert baseline.resolve_model("random-tiny", cache_dir=str(tmp_path))["path"] == r["path"]   # reused
+
+
+@pytest.mark.parametrize("preset", ["random-tiny", "random-small", "random-base", "vl2-micro"])
+def test_param_rows_match_sizing(preset):
+    rows = baseline.param_rows(build_model(preset))
+    assert all(r["sizing"] == r["counted"] for r in rows)
+    assert sum(r["counted"] for r in rows[:-1]) == rows[-1]["counted"]   # the parts cover every parameter once
+
+
+def test_build_on_device_makes_the_dtype_directly():
+    m = baseline.build_on_device("random-base", "bfloat16", "cpu")
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in m.parameters()) == sizing.param_counts(m.config)["total_instantiated"]
+    assert m.language.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(m.vision.embeddings.position_ids[0], torch.arange(m.config.vision_config.grid ** 2))
+
+
+# ------------------------------------------------------------------------------------------ tokens
+
+@pytest.mark.parametrize("w,h,n,tokens,newlines", [(384, 384, 1, 421, 28), (768, 768, 1, 1023, 42),
+                                                    (1024, 512, 1, 1415, 42), (384, 3456, 1, 2101, 140),
+                                                    (1920, 1080, 3, 421, 28)])
+def test_token_layout(w, h, n, tokens, newlines):
+    lay = baseline.token_layout(w, h, n)
+    tw, th = lay["tiles"]
+    assert lay["tokens"] == lay["counted"] == tokens
+    assert lay["global_cells"] == 196 and lay["global_newlines"] == 14 and lay["separator_at"] == 210
+    assert lay["local_cells"] == 196 * tw * th and lay["global_newlines"] + lay["local_newlines"] == newlines
+    assert lay["kinds"][14] == 1 and lay["kinds"][-1] == 1             # each row ends in a newline
+
+
+def test_sample_images_exist_offline():
+    ims = baseline.sample_images(scene_seeds=(1,))
+    assert set(baseline.PHOTOS) < set(ims) and "scene 1" in ims
+    assert all(im.mode == "RGB" and im.width > 0 for im in ims.values())
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def test_prefill_activation_bytes():
+    cfg = get_config("deepseek-vl2-small")
+    for attn, logits in baseline.MODES.values():
+        one = baseline.prefill_activation_bytes(cfg, 4096, None, attn=attn, logits=logits)
+        assert one == baseline.prefill_activation_bytes(cfg, 4096, 8192, attn=attn, logits=logits)
+        assert one == sizing.activation_bytes(cfg, 1, 4096, 0, attn=attn, logits=logits)["lm_peak"]
+        assert baseline.prefill_activation_bytes(cfg, 4096, 512, attn=attn, logits=logits) < one / 4
+    # eager scores of 512 queries against 4096 keys, not 512²
+    a = sizing.activation_bytes(cfg, 1, 512, 0, attn="eager")
+    assert baseline.prefill_activation_bytes(cfg, 4096, 512, attn="eager", logits="last") >= a["lm_scores"] * 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak is read from /proc")
+def test_peak_memory_sees_a_large_tensor():
+    with baseline.PeakMemory("cpu") as m:
+        x = torch.ones(40_000_000)                                     # 160 MB
+        del x
+    assert m.delta is not None and m.delta > 100e6
+    with baseline.PeakMemory("cpu") as m:
+        torch.ones(1000).sum()
+    assert m.delta < 100e6                                             # the earlier block's memory does not count
+
+
+# ------------------------------------------------------------------------------------------ rank functions
+
+def test_profile_in_process(tiny_snapshot):
+    out = baseline.profile(tiny_snapshot, batch_sizes=(1, 2), new_tokens=2, repeats=1, warmup=0)
+    assert out["device"] == "cpu" and [r["batch"] for r in out["runs"]] == [1, 2]
+    for r in out["runs"]:
+        assert set(r["times"]) == {"preprocess", "vision", "projector", "prefill", "generate_1", "generate_n"}
+        assert r["image_tokens"] == 1023 and r["tiles"] == 5 * r["batch"] and r["prompt_len"] > 1023
+        assert all(t["median"] > 0 for t in r["times"].values())
+        assert r["predicted"]["total"] == sum(r["predicted"][k] for k in ("weights", "kv_cache", "activations"))
+        assert set(r["peak_delta_bytes"]) == {"vision", "projector", "prefill", "generate_1", "generate_n"}
+
+
+def test_prefill_memory_in_process(tiny_snapshot):
+    out = baseline.prefill_memory(tiny_snapshot, chunk_size=64, n_images=1, image_size=384)
+    rows = out["model"]["rows"]
+    assert out["real"] == {} and out["tokens"] > 421
+    want = [(m, p) for m in baseline.MODES for p in ("one-shot", "chunked")]
+    assert [(r["mode"], r["prefill"]) for r in rows] == want
+    assert all(r["equal"] for r in rows)
+    assert all(r["predicted_bytes"] > r["kv_bytes"] > 0 for r in rows)
+
+
+def test_plots_draw(tiny_model):
+    import matplotlib.pyplot as plt
+
+    from vl2lab import plots
+    _, processor = tiny_model
+    im = baseline.sample_images(scene_seeds=())["logo2.png"]
+    lay = baseline.token_layout(im.width, im.height)
+    b = processor(conversation=[{"role": "<|User|>", "content": "<image>\nx", "images": [im]},
+                                {"role": "<|Assistant|>", "content": ""}])
+    figs = [plots.draw_tiles(im, b["images"][0], lay["tiles"], lay),
+            plots.draw_answers([{"image": im, "question": "q", "answer": "a", "truth": "a", "ok": True,
+                                 "boxes": [[1, 1, 20, 20]], "truth_boxes": [[2, 2, 30, 30]], "iou": 0.5}])]
+    t = {"median": 0.1}
+    run = {"batch": 1, "times": {k: t for k in ("preprocess", "vision", "projector", "prefill")},
+           "decode_s_per_token": 0.01, "tokens_per_s": 10.0, "images_per_s": 1.0}
+    figs.append(plots.plot_profile({"runs": [run], "new_tokens": 4, "dtype": "float32"}, "CPU"))
+    figs.append(plots.plot_prefill_memory([{"mode": "vl2lab (x)", "prefill": "chunked", "chunk": 8,
+                                            "measured_bytes": 1e6, "predicted_bytes": 2e6}], "t"))
+    for f in figs:
+        plt.close(f)
