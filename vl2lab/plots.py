@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import matplotlib
 import matplotlib.pyplot as plt  # matplotlib picks Agg by itself where there is no display
 from matplotlib.patches import Rectangle
 
