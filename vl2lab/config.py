@@ -327,11 +327,11 @@ _PUBLISHED.update({
 # experts), sized to learn in minutes on two CPU cores; vocabulary = the task tokenizer's 512 entries.
 _PUBLISHED["vl2-micro"] = {
     "vision_config": {"model_name": "siglip_micro_patch14_384", "image_size": 384, "patch_size": 14, "width": 96,
-                      "layers": 2, "heads": 4, "mlp_ratio": 2.0},
-    "projector_config": {"input_dim": 96, "n_embed": 144, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2,
+                      "layers": 2, "heads": 2, "mlp_ratio": 2.0},
+    "projector_config": {"input_dim": 96, "n_embed": 192, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2,
                          "projector_type": "downsample_mlp_gelu"},
-    "language_config": {**_RANDOM_LM_COMMON, "vocab_size": 512, "hidden_size": 144, "intermediate_size": 288,
-                        "moe_intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 6,
+    "language_config": {**_RANDOM_LM_COMMON, "vocab_size": 512, "hidden_size": 192, "intermediate_size": 384,
+                        "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 6,
                         "num_key_value_heads": 6, "n_routed_experts": 16, "num_experts_per_tok": 2,
                         "topk_method": "greedy", "use_mla": False, "kv_lora_rank": None, "qk_nope_head_dim": 0,
                         "qk_rope_head_dim": 0, "v_head_dim": 0},

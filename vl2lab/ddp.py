@@ -41,7 +41,8 @@ __all__ = ["task_processor", "micro_batches", "make_batch", "loss_sum", "step_ex
 
 STATE = "trainer_state.pt"
 RESUME_KEYS = ("seed", "n_train", "batch_size", "world_size", "steps", "lr", "warmup", "min_lr_ratio",
-               "weight_decay", "grad_clip")
+               "weight_decay", "grad_clip", "curriculum")
+CURRICULUM = ((0.0, 1), (0.2, 2), (0.4, 4))   # (from this fraction of the steps, scenes of at most k shapes)
 
 
 class TrainingError(ValueError):
@@ -84,21 +85,38 @@ def make_batch(processor, examples: Sequence):
                      return_labels=True).to(vdist.device())
 
 
+def answer_weights(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels → [B, T] weights: each answer (a run of labelled tokens, its EOS included) sums to 1, so a
+    one-word colour counts as much as a 20-token box; 0 off the answers."""
+    on = labels != -100                                             # [B, T]
+    start = on & ~F.pad(on, (1, 0))[:, :-1]                         # first token of each answer
+    run = torch.cumsum(start.flatten().long(), 0).view_as(labels)   # answer id (1, 2, …) over the whole batch
+    run = torch.where(on, run, 0)
+    size = torch.bincount(run.flatten())                            # tokens per answer id
+    return torch.where(on, 1.0 / size[run].float(), 0.0)
+
+
 def loss_sum(model, batch) -> torch.Tensor:
-    """Σ cross-entropy over the answer tokens of one batch (``labels`` from :func:`make_batch`)."""
+    """Σ over the answers of one batch of their mean token cross-entropy (``labels`` from :func:`make_batch`)."""
     batch = dict(batch)
     labels = batch.pop("labels")                                    # [B, T], −100 off the answers
     logits = model(**batch).logits[:, :-1]                          # [B, T−1, V]: position t predicts t+1
     target = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                         reduction="none")                          # [B·(T−1)], 0 where ignored
+    return (ce * answer_weights(target).flatten().to(ce.dtype)).sum()
+
+
+def n_answers(batch) -> int:
+    """Answers (assistant turns) labelled in a batch: the loss normaliser."""
+    return int(answer_weights(batch["labels"][:, 1:]).sum().round())
 
 
 def _backward_step(ddp_model, processor, examples, world: int) -> tuple:
     """Forward + backward of one rank's examples with the global token normalisation → (Σ CE, local tokens,
     global tokens). All but the last micro-batch skip the all-reduce (``no_sync``); the last one syncs the sum."""
     batches = [make_batch(processor, g) for g in micro_batches(examples)]
-    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_local = sum(n_answers(b) for b in batches)
     n_all = torch.tensor([float(n_local)], device=vdist.device())
     if world > 1:
         dist.all_reduce(n_all)                                      # the normaliser N is global
@@ -108,7 +126,7 @@ def _backward_step(ddp_model, processor, examples, world: int) -> tuple:
         with (_nullcontext() if sync else ddp_model.no_sync()):
             s = loss_sum(ddp_model, b)
             (s * world / n_all).backward()
-            total += float(s)
+            total += float(s.detach())
     return total, n_local, float(n_all)
 
 
@@ -154,8 +172,12 @@ def _wrap(model):
     """DDP on every device; buffers are constants here (positions, RoPE), so they are not re-broadcast."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import inspect
+
     dev = vdist.device()
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters   # the name in torch ≥ 2.13
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+               **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -201,13 +223,13 @@ def _load_state(out: str, cfg: VL2Config, args: dict) -> tuple:
 def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, lr: float = 3e-3,
           warmup: int = 30, min_lr_ratio: float = 0.05, weight_decay: float = 0.0, grad_clip: float = 1.0,
           n_train: int = 100_000, seed: int = 0, save_every: int = 100, resume: bool = False,
-          stop_at: Optional[int] = None, log_every: int = 10, qtypes: Optional[Sequence[str]] = None) -> dict:
+          stop_at: Optional[int] = None, log_every: int = 10, curriculum=CURRICULUM) -> dict:
     """Rank function (``vl2lab.run("vl2lab.ddp:train", world_size=W, out=...)``): train ``config`` on the shapes
     task for ``steps`` steps of W·``batch_size`` examples; checkpoint every ``save_every`` steps and at the end.
     ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). Returns (every rank)
     the loss history, the measured all-reduce bytes per step and timings."""
     from .model.vl2 import build_model
-    from .scenes import QTYPES, dataset
+    from .scenes import dialogues
 
     world, rank = vdist.world_size(), vdist.rank()
     if n_train < world:
@@ -219,8 +241,12 @@ def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, l
     if steps < 1 or (stop_at is not None and not 0 < stop_at <= steps):
         raise TrainingError(f"steps={steps} must be ≥ 1 and stop_at={stop_at} in [1, steps]")
     cfg = _config(config)
+    curriculum = [(float(f), int(k)) for f, k in curriculum]
+    if not curriculum or curriculum[0][0] != 0.0:
+        raise TrainingError(f"curriculum={curriculum} must start at fraction 0.0, e.g. {CURRICULUM}")
     args = dict(seed=seed, n_train=n_train, batch_size=batch_size, world_size=world, steps=steps, lr=lr,
-                warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip)
+                warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
+                curriculum=curriculum)
     os.makedirs(out, exist_ok=True)
     processor = task_processor(os.path.join(out, "tokenizer"), vocab_size=cfg.language_config.vocab_size)
     torch.manual_seed(seed)
@@ -236,11 +262,12 @@ def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, l
     comm = {"bytes": 0, "buckets": 0}
     if world > 1:
         ddp.register_comm_hook(comm, _counting_hook)
-    ds = dataset("train", n_train, qtypes or QTYPES)
+    stages = [(int(f * steps), dialogues("train", n_train, max_shapes=k)) for f, k in curriculum]
     t0, end = time.time(), stop_at or steps
     for step in range(start, end):
         for grp in opt.param_groups:
             grp["lr"] = lr * _schedule(step, steps, warmup, min_lr_ratio)
+        ds = [d for s0, d in stages if step >= s0][-1]
         examples = step_examples(ds, step, batch_size, world, rank, seed)
         loss, _, n_all = _backward_step(ddp, processor, examples, world)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -263,3 +290,141 @@ def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, l
     return {"history": history, "steps_run": end - start, "train_s": time.time() - t0,
             "allreduce_bytes_per_step": comm["bytes"] / steps_run, "buckets_per_step": comm["buckets"] / steps_run,
             "checkpoint": os.path.join(out, "checkpoint")}
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def _load(model_path, dtype=torch.float32):
+    from .checkpoint import load_pretrained
+
+    model, processor = load_pretrained(model_path, dtype=dtype, device=vdist.device())
+    if processor is None:
+        raise CheckpointError(f"{model_path} has no tokenizer.json; shard_eval needs a complete snapshot folder")
+    return model, processor
+
+
+def shard_eval(model_path: str, split: str = "eval", n: int = 200, batch_size: int = 8) -> Optional[dict]:
+    """Rank function: answer the first ``n`` examples of ``split`` data-parallel; rank 0 returns them in dataset
+    order (``answers``), with ``per_rank`` counts and how many sampler padding slots were skipped.
+
+    ``DistributedSampler(shuffle=False)`` gives rank r the indices r, r+W, … of the list padded (by repeating its
+    head) to a multiple of W. A padded slot — global position ≥ n — is skipped, not answered, so no example is
+    counted twice; with more ranks than examples the extra ranks simply get no work."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .scenes import dataset, predict
+
+    if n < 1:
+        raise TrainingError(f"n={n}: shard_eval needs at least one example")
+    world, rank = vdist.world_size(), vdist.rank()
+    ds = dataset(split, n)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+    mine = [i for k, i in enumerate(sampler) if rank + k * world < n]   # position rank + k·W of the padded list
+    model, processor = _load(model_path)
+    t0 = time.time()
+    answers = predict(model, processor, [ds[i] for i in mine], batch_size) if mine else []
+    local = {"rank": rank, "pairs": list(zip(mine, answers)), "time_s": time.time() - t0}
+    gathered = [None] * world if rank == 0 else None
+    if world > 1:
+        dist.gather_object(local, gathered, dst=0)
+    else:
+        gathered = [local]
+    if rank != 0:
+        return None
+    out: list = [None] * n
+    for part in gathered:
+        for i, a in part["pairs"]:
+            if out[i] is not None:
+                raise RuntimeError(f"example {i} was answered twice: the sharding is wrong")
+            out[i] = a
+    missing = [i for i, a in enumerate(out) if a is None]
+    if missing:
+        raise RuntimeError(f"examples {missing[:5]} were answered by no rank: the sharding is wrong")
+    return {"answers": out, "per_rank": [len(p["pairs"]) for p in gathered],
+            "padded_slots_skipped": len(sampler) * world - n, "time_s": [p["time_s"] for p in gathered]}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def grad_equivalence_check(config="vl2-micro", batch_size: int = 2, seed: int = 0, tokenizer_dir: str = "") -> dict:
+    """Rank function: W ranks × ``batch_size`` dialogues through DDP vs one process on all W·b of them (every rank
+    computes the reference on an undistributed copy). Returns max |Δgrad|, max |grad| and the tolerance
+    ``1e-5 · max|grad|`` (fp32 sums in another order: padding lengths and reduction trees differ)."""
+    import copy
+
+    from .model.vl2 import build_model
+    from .scenes import dialogues
+
+    world, rank = vdist.world_size(), vdist.rank()
+    processor = task_processor(tokenizer_dir, vocab_size=_config(config).language_config.vocab_size)
+    model = build_model(_config(config), seed=seed, device=vdist.device()).train()
+    reference = copy.deepcopy(model)
+    examples = list(dialogues("train", world * batch_size))
+    ddp = _wrap(model) if world > 1 else model
+    _backward_step(ddp, processor, examples[rank * batch_size:(rank + 1) * batch_size], world)
+    _backward_step(reference, processor, examples, 1)
+    diff = max(float((p.grad - q.grad).abs().max()) for p, q in zip(model.parameters(), reference.parameters()))
+    scale = max(float(q.grad.abs().max()) for q in reference.parameters())
+    return {"max_abs_diff": diff, "max_abs_grad": scale, "tolerance": 1e-5 * scale, "ok": diff <= 1e-5 * scale,
+            "world_size": world, "batch_per_rank": batch_size}
+
+
+def allreduce_bytes_per_step(model, bucket_cap_mb: float = 25.0, first_bucket_bytes: int = 1 << 20) -> dict:
+    """Gradient bytes DDP all-reduces per step, and its initial buckets: parameters that need a gradient, in
+    reverse registration order (the backward produces the last layers first), packed per dtype until a bucket
+    reaches its cap (1 MiB for the first, so communication starts early; ``bucket_cap_mb`` MiB after)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buckets: list = []
+    open_: dict = {}
+    limits: dict = {}
+    for p in reversed(params):
+        b = open_.setdefault(p.dtype, [0, 0])
+        b[0] += p.numel() * p.element_size()
+        b[1] += 1
+        cap = limits.setdefault(p.dtype, first_bucket_bytes)
+        if b[0] >= cap:
+            buckets.append({"bytes": b[0], "params": b[1], "dtype": str(p.dtype)})
+            open_.pop(p.dtype)
+            limits[p.dtype] = int(bucket_cap_mb * 2**20)
+    buckets += [{"bytes": b[0], "params": b[1], "dtype": str(dt)} for dt, b in open_.items()]
+    return {"total_bytes": sum(b["bytes"] for b in buckets), "buckets": buckets,
+            "n_params": sum(p.numel() for p in params)}
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def inference_ddp_overhead(model_path: str, n: int = 4, repeats: int = 3) -> dict:
+    """Rank function: what wrapping an inference-only model in DDP costs and gives. Same outputs (the wrapper's
+    forward just calls the module); construction broadcasts every parameter from rank 0 and allocates the
+    gradient buckets, which inference never fills. Returns times (s), RSS growth (bytes) and the outputs' max
+    difference, measured on this rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .scenes import dataset
+
+    model, processor = _load(model_path)
+    batch = processor(conversations=[ex.conversation() for ex in dataset("eval", n)]).to(vdist.device())
+
+    def timed(m):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with torch.no_grad():
+                logits = m(**batch).logits
+            best = min(best, time.perf_counter() - t)
+        return logits, best
+
+    plain, t_plain = timed(model)
+    rss0 = _rss()
+    vdist.barrier()
+    t = time.perf_counter()
+    wrapped = _wrap(model) if vdist.world_size() > 1 else model
+    t_wrap = time.perf_counter() - t
+    rss1 = _rss()
+    out, t_ddp = timed(wrapped)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"max_abs_diff": float((out - plain).abs().max()), "forward_s": t_plain, "forward_ddp_s": t_ddp,
+            "wrap_s": t_wrap, "rss_growth_bytes": rss1 - rss0, "param_bytes_broadcast": param_bytes,
+            "bucket_bytes": allreduce_bytes_per_step(model)["total_bytes"], "world_size": vdist.world_size()}

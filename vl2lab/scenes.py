@@ -38,12 +38,14 @@ from PIL import Image, ImageDraw
 from .tokenizer import ASSISTANT, DET, DET_END, REF, REF_END, USER
 
 __all__ = ["COLOURS", "SHAPES", "QTYPES", "IMAGE_SIZES", "EVAL_OFFSET", "Shape", "Scene", "Example",
-           "make_scene", "make_example", "dataset", "SceneDataset", "task_texts", "iou", "score", "evaluate",
+           "make_scene", "make_example", "dataset", "SceneDataset", "Dialogue", "make_dialogue", "dialogues", "task_texts", "iou", "score", "evaluate",
            "answer_text"]
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 20)}
 SHAPES = ("square", "circle", "triangle", "cross")
 QTYPES = ("colour", "count", "left_of", "ground")
+TRAIN_ONLY = ("shapes",)   # "Which shapes are there?" → "square, cross" (SHAPES order): a direct signal for the kinds
+SIZE_RANGE = (0.22, 0.36)  # shape side as a fraction of the image's shorter side
 # (width, height, weight): mostly one tile; the others give 1×2, 2×1 and 2×2 tilings (617, 631, 1023 tokens).
 IMAGE_SIZES = ((384, 384, 14), (768, 384, 2), (384, 768, 2), (512, 512, 1), (768, 768, 1))
 EVAL_OFFSET = 1_000_000
@@ -98,12 +100,15 @@ class Scene:
         return [round(x1 / W * 999), round(y1 / H * 999), round(x2 / W * 999), round(y2 / H * 999)]
 
 
-def make_scene(seed: int, min_shapes: int = 1) -> Scene:
-    """The scene of ``seed`` (``min_shapes`` = 2 for left-of questions). Deterministic."""
-    rng = random.Random(int(seed) * 7919 + min_shapes)
+def make_scene(seed: int, min_shapes: int = 1, max_shapes: int = len(SHAPES)) -> Scene:
+    """The scene of ``seed`` with ``min_shapes``..``max_shapes`` shapes (``min_shapes`` = 2 for left-of questions;
+    fewer ``max_shapes`` for an easy start of training). Deterministic."""
+    if not 1 <= min_shapes <= max_shapes <= len(SHAPES):
+        raise ValueError(f"need 1 <= min_shapes <= max_shapes <= {len(SHAPES)}, got {min_shapes}, {max_shapes}")
+    rng = random.Random((int(seed) * 7919 + min_shapes) * 5 + max_shapes)
     sizes = [(w, h) for w, h, k in IMAGE_SIZES for _ in range(k)]
     W, H = rng.choice(sizes)
-    n = rng.randint(min_shapes, len(SHAPES))
+    n = rng.randint(min_shapes, max_shapes)
     kinds = rng.sample(SHAPES, n)
     side = min(W, H)
     while True:                                                    # rejection sampling; shrink when crowded
@@ -111,7 +116,7 @@ def make_scene(seed: int, min_shapes: int = 1) -> Scene:
         for attempt in range(400):
             if len(shapes) == n:
                 break
-            s = round(rng.uniform(0.17, 0.30) * side)
+            s = round(rng.uniform(*SIZE_RANGE) * side)
             x, y = rng.randint(4, W - s - 4), rng.randint(4, H - s - 4)
             box = (x, y, x + s, y + s)
             pad = 6
@@ -143,26 +148,39 @@ class Example:
                 {"role": ASSISTANT, "content": self.answer if with_answer else ""}]
 
 
+def _qa(scene: Scene, qtype: str, shape: Optional[Shape] = None) -> tuple:
+    """(question, answer, target) of one question about ``scene`` (the question without the image tag)."""
+    if qtype == "colour":
+        return f"What colour is the {shape.kind}?", shape.colour, shape
+    if qtype == "count":
+        return "How many shapes are there?", str(len(scene.shapes)), None
+    if qtype == "shapes":
+        kinds = {s.kind for s in scene.shapes}
+        return "Which shapes are there?", ", ".join(k for k in SHAPES if k in kinds), None
+    if qtype == "left_of":
+        by_x = sorted(scene.shapes, key=lambda s: s.cx)
+        left = by_x[by_x.index(shape) - 1]
+        return f"Which shape is just left of the {shape.name}?", left.name, left
+    box = ",".join(str(v) for v in scene.grid_box(shape))
+    return f"{REF}{shape.name}{REF_END}.", f"{REF}{shape.name}{REF_END}{DET}[[{box}]]{DET_END}", shape
+
+
+def _subjects(scene: Scene, qtype: str) -> list:
+    """The shapes a question of ``qtype`` can be about (left_of: every shape with a neighbour on its left)."""
+    if qtype in ("count", "shapes"):
+        return [None]
+    if qtype == "left_of":
+        return sorted(scene.shapes, key=lambda s: s.cx)[1:]
+    return list(scene.shapes)
+
+
 def _example(seed: int, qtype: str) -> Example:
     if qtype not in QTYPES:
         raise ValueError(f"unknown question type {qtype!r}; choose one of {QTYPES}")
     scene = make_scene(seed, min_shapes=2 if qtype == "left_of" else 1)
     rng = random.Random(int(seed) * 104729 + QTYPES.index(qtype))
-    shapes = scene.shapes
-    if qtype == "colour":
-        s = rng.choice(shapes)
-        return Example(seed, qtype, scene, f"<image>\nWhat colour is the {s.kind}?", s.colour, s)
-    if qtype == "count":
-        return Example(seed, qtype, scene, "<image>\nHow many shapes are there?", str(len(shapes)))
-    if qtype == "left_of":
-        by_x = sorted(shapes, key=lambda s: s.cx)
-        j = rng.randrange(1, len(by_x))
-        ref, ans = by_x[j], by_x[j - 1]
-        return Example(seed, qtype, scene, f"<image>\nWhich shape is just left of the {ref.name}?", ans.name, ans)
-    s = rng.choice(shapes)
-    box = ",".join(str(v) for v in scene.grid_box(s))
-    return Example(seed, qtype, scene, f"<image>\n{REF}{s.name}{REF_END}.",
-                   f"{REF}{s.name}{REF_END}{DET}[[{box}]]{DET_END}", s)
+    q, a, target = _qa(scene, qtype, rng.choice(_subjects(scene, qtype)))
+    return Example(seed, qtype, scene, "<image>\n" + q, a, target)
 
 
 def make_example(seed: int, qtype: str) -> Example:
@@ -170,14 +188,76 @@ def make_example(seed: int, qtype: str) -> Example:
     return _example(seed, qtype)
 
 
+@dataclass
+class Dialogue:
+    """Every question about one scene, in a seeded random order, as one multi-turn conversation (training:
+    one pass over the image's 421+ tokens then supervises ~10 answers instead of one)."""
+    seed: int
+    scene: Scene
+    turns: list            # [(qtype, question, answer)], the image tag on the first question
+
+    def conversation(self, with_answer: bool = True, image: Optional[Image.Image] = None) -> list:
+        conv = []
+        for i, (_, q, a) in enumerate(self.turns):
+            user = {"role": USER, "content": q}
+            if i == 0:
+                user["images"] = [image or self.scene.render()]
+            conv += [user, {"role": ASSISTANT, "content": a if with_answer else ""}]
+        return conv
+
+
+def make_dialogue(seed: int, max_shapes: int = len(SHAPES)) -> Dialogue:
+    """All questions about the scene of ``seed``: colour and ground per shape, count, left_of per shape with a left
+    neighbour. Order (seeded): first one question of a random type (the only turn that looks like an eval
+    prompt), then count, then the colours, then left_of and ground shuffled — so no answer can be read off an
+    earlier turn (a colour named by a left_of or ground turn, the number of colour questions)."""
+    scene = make_scene(seed, max_shapes=max_shapes)
+    rng = random.Random(int(seed) * 15485863 + 7)
+    blocks = [[(q, *_qa(scene, q, s)[:2]) for q in qs for s in _subjects(scene, q)]
+              for qs in (("count",), ("shapes",), ("colour",), ("left_of", "ground"))]
+    for b in blocks:
+        rng.shuffle(b)
+    qtype = rng.choice([q for q in QTYPES if _subjects(scene, q)])
+    first = next(t for b in blocks for t in b if t[0] == qtype)
+    turns = [first] + [t for b in blocks for t in b if t is not first]
+    turns[0] = (first[0], "<image>\n" + first[1], first[2])
+    return Dialogue(int(seed), scene, turns)
+
+
+class DialogueDataset(Sequence):
+    """``n`` training dialogues of a split (seed i, or ``EVAL_OFFSET + i`` for eval), made on demand."""
+
+    def __init__(self, split: str, n: int, max_shapes: int = len(SHAPES)):
+        _check_split(split, n)
+        self.n, self.offset, self.max_shapes = n, (0 if split == "train" else EVAL_OFFSET), max_shapes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} dialogues")
+        return make_dialogue(self.offset + i % self.n, self.max_shapes)
+
+
+def dialogues(split: str, n: int, max_shapes: int = len(SHAPES)) -> DialogueDataset:
+    """The first ``n`` multi-turn dialogues of ``split`` (what vl2-micro is trained on), scenes of at most
+    ``max_shapes`` shapes."""
+    return DialogueDataset(split, n, max_shapes)
+
+
+def _check_split(split: str, n: int) -> None:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if not 0 <= n <= EVAL_OFFSET:
+        raise ValueError(f"n={n} must be in [0, {EVAL_OFFSET}] (train and eval seeds must stay disjoint)")
+
+
 class SceneDataset(Sequence):
     """``n`` examples of a split, made on demand (images are rendered when asked for, never stored)."""
 
     def __init__(self, split: str, n: int, qtypes: Sequence[str] = QTYPES):
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if not 0 <= n <= EVAL_OFFSET:
-            raise ValueError(f"n={n} must be in [0, {EVAL_OFFSET}] (train and eval seeds must stay disjoint)")
+        _check_split(split, n)
         bad = [q for q in qtypes if q not in QTYPES]
         if bad or not qtypes:
             raise ValueError(f"unknown question type(s) {bad}; choose from {QTYPES}")
@@ -209,6 +289,7 @@ def task_texts() -> list:
         out.append(f"{USER}: What colour is the {k}?\n\n{ASSISTANT}:")
     out += list(COLOURS) + [str(i) for i in range(1, len(SHAPES) + 1)]
     out.append(f"{USER}: How many shapes are there?\n\n{ASSISTANT}:")
+    out += [f"{USER}: Which shapes are there?\n\n{ASSISTANT}:", ", ".join(SHAPES)]
     for nm in names:
         out += [f"{USER}: Which shape is just left of the {nm}?\n\n{ASSISTANT}:", nm,
                 f"{USER}: {REF}{nm}{REF_END}.\n\n{ASSISTANT}:", f"{REF}{nm}{REF_END}{DET}[[0,0,999,999]]{DET_END}"]

@@ -1,0 +1,152 @@
+"""DDP training and sharded inference (vl2lab.ddp), and the shipped vl2-micro snapshot.
+
+One launch at world size 2 runs every distributed check (a launch costs seconds of imports on a small machine):
+resume equals an uninterrupted run, W×b gradients equal one process on W·b, sharded answers equal single-process
+answers, the measured all-reduce bytes equal the computed ones, DDP around an inference model changes nothing,
+and each bad input gives its one clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from vl2lab import ddp, scenes  # noqa: E402
+
+ASSET = Path(__file__).resolve().parents[1] / "vl2lab" / "assets" / "vl2-micro"
+LONG = 600.0
+
+
+def _error(fn, **kw) -> str:
+    try:
+        fn(**kw)
+    except Exception as e:  # noqa: BLE001 — the test looks at the type and message
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def rank_suite(root: str) -> dict:
+    """Rank function: every distributed check of this file, in one launch."""
+    from vl2lab import dist as vdist
+    from vl2lab.checkpoint import load_pretrained
+    from vl2lab.config import published_config_dict
+
+    torch.set_num_threads(1)
+    a, b = os.path.join(root, "a"), os.path.join(root, "b")
+    common = dict(steps=2, batch_size=1, warmup=1, save_every=1, log_every=1)
+    full = ddp.train(a, **common)
+    part = ddp.train(b, stop_at=1, **common)
+    rest = ddp.train(b, resume=True, **common)
+    wa = load_pretrained(os.path.join(a, "checkpoint"))[0].state_dict()
+    wb = load_pretrained(os.path.join(b, "checkpoint"))[0].state_dict()
+    other = published_config_dict("vl2-micro")
+    other["language_config"]["hidden_size"] = other["projector_config"]["n_embed"] = 96
+    errors = {
+        "missing": _error(ddp.train, out=os.path.join(root, "nothing"), resume=True, **common),
+        "foreign": _error(ddp.train, out=a, config=other, resume=True, **common),
+        "settings": _error(ddp.train, out=a, resume=True, **{**common, "batch_size": 2}),
+        "few_samples": _error(ddp.train, out=os.path.join(root, "c"), n_train=1, **common),
+    }
+    grads = ddp.grad_equivalence_check(batch_size=1, tokenizer_dir=os.path.join(a, "tokenizer"))
+    model_path = os.path.join(a, "checkpoint")
+    sharded = ddp.shard_eval(model_path, n=5, batch_size=1)
+    single = None
+    if vdist.rank() == 0:
+        model, processor = load_pretrained(model_path)
+        single = scenes.predict(model, processor, list(scenes.dataset("eval", 5)), batch_size=1)
+    overhead = ddp.inference_ddp_overhead(model_path, n=2, repeats=1)
+    computed = ddp.allreduce_bytes_per_step(load_pretrained(model_path)[0])
+    return {"full": full, "part": part, "rest": rest, "max_weight_diff": max(float((wa[k] - wb[k]).abs().max())
+                                                                            for k in wa),
+            "errors": errors, "grads": grads, "sharded": sharded, "single": single, "overhead": overhead,
+            "computed_bytes": computed}
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    import vl2lab
+
+    res = vl2lab.run("test_ddp:rank_suite", world_size=2, timeout=LONG, root=str(tmp_path_factory.mktemp("ddp")))
+    return res
+
+
+def test_resume_equals_uninterrupted(suite):
+    r = suite[0]
+    assert [h["step"] for h in r["part"]["history"]] == [1]
+    assert [h["step"] for h in r["rest"]["history"]] == [1, 2] and r["rest"]["steps_run"] == 1
+    assert r["rest"]["history"][-1]["loss"] == pytest.approx(r["full"]["history"][-1]["loss"], rel=1e-5)
+    assert r["max_weight_diff"] <= 1e-6
+
+
+def test_gradients_of_w_ranks_equal_one_process(suite):
+    for g in suite.values:
+        assert g["grads"]["world_size"] == 2
+        assert g["grads"]["max_abs_diff"] <= g["grads"]["tolerance"], g["grads"]
+
+
+def test_sharded_eval_equals_single_process_in_order(suite):
+    s = suite[0]["sharded"]
+    assert suite[1]["sharded"] is None
+    assert s["answers"] == suite[0]["single"]
+    assert s["per_rank"] == [3, 2] and s["padded_slots_skipped"] == 1
+
+
+def test_measured_allreduce_bytes_equal_computed(suite):
+    c = suite[0]["computed_bytes"]
+    assert c["total_bytes"] == 4 * c["n_params"]
+    assert c["buckets"][0]["bytes"] >= 1 << 20 and sum(b["bytes"] for b in c["buckets"]) == c["total_bytes"]
+    for r in suite.values:
+        assert r["full"]["allreduce_bytes_per_step"] == c["total_bytes"]
+
+
+def test_ddp_around_inference_adds_cost_not_value(suite):
+    for r in suite.values:
+        o = r["overhead"]
+        assert o["max_abs_diff"] == 0.0
+        assert o["wrap_s"] > 0 and o["param_bytes_broadcast"] == o["bucket_bytes"] > 0
+
+
+def test_bad_inputs_give_one_clear_error(suite):
+    e = suite[0]["errors"]
+    assert e["missing"].startswith("CheckpointError") and "holds no checkpoint" in e["missing"]
+    assert e["foreign"].startswith("CheckpointError") and "another model config" in e["foreign"]
+    assert e["settings"].startswith("CheckpointError") and "batch_size=1" in e["settings"]
+    assert e["few_samples"].startswith("TrainingError") and "cannot feed 2 ranks" in e["few_samples"]
+
+
+def test_uneven_last_batch_is_dropped_and_order_is_pure():
+    ds = scenes.dialogues("train", 5)                   # 2 ranks: 3 indices each per epoch, batch 2 → 1 step
+    steps = [[ddp.step_examples(ds, s, 2, 2, r, seed=0) for r in (0, 1)] for s in range(3)]
+    assert all(len(part) == 2 for st in steps for part in st)
+    again = ddp.step_examples(ds, 2, 2, 2, 1, seed=0)
+    assert [d.seed for d in again] == [d.seed for d in steps[2][1]]
+    seen = [d.seed for part in steps[0] for d in part]
+    assert len(seen) == 4 and set(seen) <= set(range(5))
+
+
+def test_bucket_plan_follows_caps():
+    lin = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(10)])   # 256 KiB each
+    plan = ddp.allreduce_bytes_per_step(lin, bucket_cap_mb=1.0)
+    assert [b["params"] for b in plan["buckets"]] == [4, 4, 2]
+    assert plan["total_bytes"] == 10 * 256 * 256 * 4
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="vl2-micro snapshot not built")
+def test_shipped_vl2_micro_answers_like_its_report():
+    import vl2lab
+
+    report = json.loads((ASSET / "eval.json").read_text())
+    model, processor = vl2lab.load_pretrained(str(ASSET))
+    assert model.config.language_config.vocab_size == len(processor.tokenizer)
+    ex = [e for e in scenes.dataset("eval", 48) if e.qtype in ("colour", "count")]
+    got = scenes.score(ex, scenes.predict(model, processor, ex, batch_size=12))
+    for q in ("colour", "count"):
+        assert got[q]["accuracy"] >= report["eval"][q]["accuracy"] - 0.2, (q, got[q], report["eval"][q])
