@@ -28,18 +28,9 @@ def tiny_model(tiny_snapshot):
 
 
 def make_picture(width: int, height: int, seed: int = 0):
-    """A deterministic RGB picture: smooth colour gradients plus a few coloured squares."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    (x + y) * 255 // max(width + height - 2, 1)], axis=-1).astype(np.uint8)
-    for _ in range(4):
-        s = int(rng.integers(16, max(17, min(width, height) // 3)))
-        x0, y0 = int(rng.integers(0, width - s)), int(rng.integers(0, height - s))
-        img[y0:y0 + s, x0:x0 + s] = rng.integers(0, 256, size=3, dtype=np.uint8)
-    return Image.fromarray(img)
+    """A deterministic RGB test picture (the one the deployment checks use)."""
+    from vl2lab.deploy_checks import picture
+    return picture(width, height, seed)
 
 
 @pytest.fixture(scope="session")

@@ -406,6 +406,17 @@ def _plan(model: nn.Module, reader: SnapshotReader) -> list:
     return plan
 
 
+def materialise(reader: SnapshotReader, entries, dtype: torch.dtype, device) -> None:
+    """Read each ``(module key, module, attribute, meta tensor, is_param)`` entry from the snapshot and put it in
+    place: parameters take ``dtype``, buffers keep their own dtype. One tensor in memory at a time."""
+    for key, mod, attr, t, is_param in entries:
+        val = module_tensor_from_official(reader, key, t.shape, dtype=dtype if is_param else t.dtype, device=device)
+        if is_param:
+            mod._parameters[attr] = nn.Parameter(val, requires_grad=t.requires_grad)
+        else:
+            mod._buffers[attr] = val
+
+
 def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu"):
     """A snapshot folder → ``(model, processor)``. Parameters take ``dtype``; buffers keep their own dtype."""
     from .model.vl2 import DeepseekVL2ForCausalLM
@@ -414,13 +425,7 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu"):
     with SnapshotReader(os.fspath(path)) as reader:
         with _parameters_on_meta(), torch.random.fork_rng(devices=[]):
             model = DeepseekVL2ForCausalLM(cfg)
-        for key, mod, attr, t, is_param in _plan(model, reader):
-            val = module_tensor_from_official(reader, key, t.shape, dtype=dtype if is_param else t.dtype,
-                                              device=device)
-            if is_param:
-                mod._parameters[attr] = nn.Parameter(val, requires_grad=t.requires_grad)
-            else:
-                mod._buffers[attr] = val
+        materialise(reader, _plan(model, reader), dtype, device)
     for mod in model.modules():
         for n in mod._non_persistent_buffers_set:
             if mod._buffers.get(n) is not None:

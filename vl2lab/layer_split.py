@@ -89,7 +89,7 @@ def load_layer_split(path, group=None, sizes: Optional[Sequence[int]] = None,
     snapshot is checked first; then only this rank's tensors are read). ``model.layer_split``: rank, world_size,
     layers (start, end), all ranges; ``model.load_report``: bytes_read, snapshot_bytes."""
     from .checkpoint import (SnapshotReader, _load_processor, _parameters_on_meta, _plan, _read_config, _state_tensors,
-                             module_tensor_from_official)
+                             materialise)
     from .dist import device as rank_device
     from .model.vl2 import DeepseekVL2ForCausalLM
     from .shard_loader import as_dtype, snapshot_bytes
@@ -105,13 +105,7 @@ def load_layer_split(path, group=None, sizes: Optional[Sequence[int]] = None,
             model = DeepseekVL2ForCausalLM(cfg)
         _plan(model, reader)                                        # CheckpointError before anything is read
         _prune(model, rank, world, start, end)
-        for key, mod, attr, t, is_param in list(_state_tensors(model)):
-            val = module_tensor_from_official(reader, key, t.shape, dtype=dtype if is_param else t.dtype,
-                                              device=device)
-            if is_param:
-                mod._parameters[attr] = nn.Parameter(val, requires_grad=t.requires_grad)
-            else:
-                mod._buffers[attr] = val
+        materialise(reader, list(_state_tensors(model)), dtype, device)
         bytes_read = reader.bytes_read
     for mod in model.modules():                                     # non-persistent buffers (position ids)
         for n in mod._non_persistent_buffers_set:
