@@ -49,8 +49,9 @@ def resolve_model(model: str, dtype: str = "float32", seed: int = 0, cache_dir: 
         return {"path": os.path.abspath(str(model)), "source": "folder", "name": os.path.basename(str(model))}
     if model == "vl2-micro":
         if not (MICRO_DIR / "config.json").is_file():
-            raise BaselineError(f"the shipped vl2-micro snapshot is missing ({MICRO_DIR}); reinstall vl2lab, or "
-                                "set MODEL to a snapshot folder or a preset such as 'random-tiny' (random weights)")
+            raise BaselineError(f"the shipped vl2-micro snapshot is missing ({MICRO_DIR}); rebuild it with "
+                                "`python -m vl2lab.train_micro --out vl2lab/assets/vl2-micro`, or set MODEL to a "
+                                "snapshot folder or a preset such as 'random-tiny' (random weights)")
         return {"path": str(MICRO_DIR), "source": "shipped", "name": "vl2-micro"}
     try:
         name = preset_name(model)
@@ -206,7 +207,7 @@ def profile(snapshot: str, dtype: str = "float32", batch_sizes=(1,), new_tokens:
     conv = bench.workload_conversation(processor, bench.workload_image(seed))
     out = {"device": str(dev), "dtype": dtype, "new_tokens": new_tokens, "environment": bench.environment(),
            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "runs": []}
-    timed = lambda fn, d=dev: bench._timed(fn, torch.device(d), repeats, warmup)  # noqa: E731
+    timed = lambda fn, d=dev: bench.timed(fn, torch.device(d), repeats, warmup)  # noqa: E731
     for b in batch_sizes:
         convs = [conv] * b
         batch = processor(conversations=convs).to(dev, dt)

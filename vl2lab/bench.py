@@ -91,7 +91,8 @@ def workload_conversation(processor, image, prompt_tokens: int = PROMPT_TOKENS) 
     return conv(q)
 
 
-def _timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
+def timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median, p10, p90 (seconds) of ``repeats`` calls of ``fn`` after ``warmup`` calls; CUDA events on GPUs."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
@@ -146,18 +147,18 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
     image = workload_image(seed)
     conv = workload_conversation(processor, image)
     for b in batch_sizes:
-        pre = _timed(lambda: processor(conversations=[conv] * b), torch.device("cpu"), repeats, warmup)
+        pre = timed(lambda: processor(conversations=[conv] * b), torch.device("cpu"), repeats, warmup)
         batch = processor(conversations=[conv] * b).to(dev, dt)
         tiles = batch["images"].flatten(0, 1)
         tiles = tiles[tiles.abs().flatten(1).sum(1) > 0]
         with torch.inference_mode():
-            vis = _timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
+            vis = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
             gen = lambda n: vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True)  # noqa: E731
-            pre1 = _timed(lambda: gen(1), dev, repeats, warmup)
+            pre1 = timed(lambda: gen(1), dev, repeats, warmup)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
-            e2e = _timed(lambda: gen(NEW_TOKENS), dev, repeats, warmup)
+            e2e = timed(lambda: gen(NEW_TOKENS), dev, repeats, warmup)
             out = gen(NEW_TOKENS)
         seq = int(batch["input_ids"].shape[1])
         pred = sizing.layout_bytes(cfg, tp=1, dtype=dtype, batch=b, seq_len=seq + NEW_TOKENS,

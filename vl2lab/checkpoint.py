@@ -42,7 +42,7 @@ from .config import ConfigError, VL2Config, preset_name
 
 __all__ = ["CheckpointError", "SnapshotReader", "Source", "official_sources", "official_to_module",
            "module_tensor_from_official", "official_shapes", "save_pretrained", "load_pretrained",
-           "make_random_snapshot", "IGNORED_PREFIXES"]
+           "make_random_snapshot", "project_processor", "IGNORED_PREFIXES", "shipped_micro", "MICRO_DIR"]
 
 IGNORED_PREFIXES = ("vision.attn_pool.",)
 INDEX = "model.safetensors.index.json"
@@ -417,10 +417,25 @@ def materialise(reader: SnapshotReader, entries, dtype: torch.dtype, device) -> 
             mod._buffers[attr] = val
 
 
+MICRO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "vl2-micro")
+MICRO_REBUILD = "python -m vl2lab.train_micro --out vl2lab/assets/vl2-micro"
+
+
+def shipped_micro() -> str:
+    """The folder of the shipped vl2-micro snapshot (trained by :mod:`vl2lab.train_micro`), or one clear error."""
+    if not os.path.isfile(os.path.join(MICRO_DIR, "model.safetensors")):
+        raise CheckpointError(f"the shipped vl2-micro snapshot is missing ({MICRO_DIR}); rebuild it with "
+                              f"`{MICRO_REBUILD}` (about 10 minutes on two CPU cores) or reinstall vl2lab")
+    return MICRO_DIR
+
+
 def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A snapshot folder → ``(model, processor)``. Parameters take ``dtype``; buffers keep their own dtype."""
+    """A snapshot folder → ``(model, processor)``. Parameters take ``dtype``; buffers keep their own dtype.
+    ``"vl2-micro"`` (when no such folder exists here) is the trained snapshot shipped in vl2lab/assets."""
     from .model.vl2 import DeepseekVL2ForCausalLM
 
+    if isinstance(path, str) and path == "vl2-micro" and not os.path.isdir(path):
+        path = shipped_micro()
     cfg = _read_config(path)
     with SnapshotReader(os.fspath(path)) as reader:
         with _parameters_on_meta(), torch.random.fork_rng(devices=[]):
@@ -452,14 +467,20 @@ def make_random_snapshot(path: str, preset: str = "random-tiny", seed: int = 0,
     folder (config, weights in ``dtype`` — the published snapshots are bfloat16 —, tokenizer, processor config)
     at ``path`` and return ``path``."""
     from .model.vl2 import build_model
+
+    model = build_model(preset, seed=seed, dtype=dtype)
+    processor = project_processor(model.config, path)
+    save_pretrained(model, path, max_shard_bytes=max_shard_bytes, processor=processor)
+    return os.fspath(path)
+
+
+def project_processor(cfg, path: str):
+    """The processor of a random model of ``cfg``: the project tokenizer (its files written to ``path``) and the
+    config's tiling geometry."""
     from .processor import VL2Processor
     from .tokenizer import build_tokenizer
 
-    model = build_model(preset, seed=seed, dtype=dtype)
-    cfg = model.config
     tokenizer = build_tokenizer(vocab_size=cfg.language_config.vocab_size, path=path)
-    processor = VL2Processor(tokenizer, candidate_resolutions=cfg.candidate_resolutions,
-                             patch_size=cfg.vision_config.patch_size,
-                             downsample_ratio=cfg.projector_config.downsample_ratio)
-    save_pretrained(model, path, max_shard_bytes=max_shard_bytes, processor=processor)
-    return os.fspath(path)
+    return VL2Processor(tokenizer, candidate_resolutions=cfg.candidate_resolutions,
+                        patch_size=cfg.vision_config.patch_size,
+                        downsample_ratio=cfg.projector_config.downsample_ratio)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .dist import barrier, device as rank_device
 
-__all__ = ["bench_collectives", "comm_bytes_per_token", "bus_factor"]
+__all__ = ["bench_collectives", "comm_bytes_per_token", "bus_factor", "nccl_settings_sweep", "NCCL_SETTINGS"]
 
 _OPS = ("all_reduce", "all_gather")
 
@@ -126,3 +126,32 @@ def comm_bytes_per_token(hidden: int, dtype_bytes: int, world_size: int, interme
         out["mlp_gather_intermediate"] = (n - 1) / n * intermediate * dtype_bytes
         out["formulas"]["mlp_gather_intermediate"] = "(n-1)/n * I * dtype_bytes"
     return out
+
+
+# NCCL's own knobs (environment variables read when a communicator is created): the algorithm, the protocol and
+# the buffer size. Ring/Tree × Simple/LL/LL128; NCCL picks per message size by default.
+NCCL_SETTINGS = ({}, {"NCCL_ALGO": "Ring"}, {"NCCL_ALGO": "Tree"}, {"NCCL_PROTO": "LL"}, {"NCCL_PROTO": "LL128"},
+                 {"NCCL_PROTO": "Simple"}, {"NCCL_BUFFSIZE": str(1 << 23)})
+
+
+def nccl_settings_sweep(world_size: int, settings=NCCL_SETTINGS, sizes_bytes=(1 << 12, 1 << 16, 1 << 20),
+                        repeats: int = 50, timeout: float = 300.0) -> list:
+    """One launch per NCCL setting (``settings``: dicts of environment variables, ``{}`` = NCCL's defaults),
+    each timing bf16 all-reduces at ``sizes_bytes`` (a decode step of small moves 2·L all-reduces of
+    batch × hidden × 2 bytes: 4 KiB at batch 1, 128 KiB at batch 32). Needs ``world_size`` ≥ 2 GPUs.
+
+    Lesson: notebook 05, section "NCCL settings"."""
+    from .launch import run
+    from .settings import gpu_count
+
+    if world_size < 2 or gpu_count() < world_size:
+        raise ValueError(f"an NCCL settings sweep needs {max(2, world_size)} GPUs, this machine has {gpu_count()}: "
+                         "nothing moves between GPUs otherwise (run it on a multi-GPU machine)")
+    rows = []
+    for env in settings:
+        res = run("vl2lab.collectives:bench_collectives", world_size=world_size, backend="nccl", timeout=timeout,
+                  env=env, sizes_bytes=sizes_bytes, repeats=repeats, ops=("all_reduce",), dtype="bfloat16")
+        ar = res[0]["ops"]["all_reduce"]
+        rows.append({"setting": " ".join(f"{k}={v}" for k, v in env.items()) or "NCCL defaults",
+                     **{f"{s // 1024} KiB (µs)": t * 1e6 for s, t in zip(ar["sizes"], ar["median_s"])}})
+    return rows

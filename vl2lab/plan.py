@@ -539,18 +539,8 @@ def show_planner(**defaults):
         box = panel(**defaults)
     except ImportError:
         return None
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-    except ImportError:
-        return box
-    shell = get_ipython()
-    if shell is not None and getattr(shell, "kernel", None) is not None:  # in a Jupyter kernel only
-        # a stable text/plain stands in for the widget's repr in saved outputs
-        display({"application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
-                                                              "model_id": box.model_id},
-                 "text/plain": "[planner panel: change a control to re-plan]"}, raw=True)
-    return box
+    from .widgets import show
+    return show(box, "[planner panel: change a control to re-plan]")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

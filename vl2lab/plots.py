@@ -363,3 +363,51 @@ def plot_param_bytes_per_rank(rows: dict, title: str):
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_ladder(tables: dict, metric: str = "decode_ms_per_step", batch: int = 1, title: str = ""):
+    """One bar per rung (log scale) for each model: ``tables`` = {model: ladder_report.rows(...)}; the floor as a
+    dashed line."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 3.6), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], tables.items()):
+        rs = [r for r in rows if r["batch"] == batch]
+        vals = [r[metric] for r in rs]
+        ax.bar(range(len(rs)), vals, color=[rank_color(i) for i in range(len(rs))])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+        floor_key = "floor_decode_ms" if metric == "decode_ms_per_step" else "floor_images_per_s"
+        if rs and rs[0][floor_key] == rs[0][floor_key]:
+            ax.axhline(rs[0][floor_key], ls="--", color="k", lw=1, label="floor (measured ceilings)")
+            ax.legend(fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(rs)))
+        ax.set_xticklabels([r["rung"].split(" ")[0] for r in rs], fontsize=8)
+        ax.set_xlabel("rung", fontsize=8)
+        ax.set_ylabel(f"{metric} (batch {batch})", fontsize=8)
+        ax.set_title(model, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_batch_curve(rows: list, title: str = ""):
+    """Latency (ms per decode step) against throughput (images/s) over batch size, one line per rung:
+    ``rows`` as from ``ladder_report.rows``."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, rung in enumerate(dict.fromkeys(r["rung"] for r in rows)):
+        rs = sorted((r for r in rows if r["rung"] == rung), key=lambda r: r["batch"])
+        if len(rs) < 2:
+            continue
+        ax.plot([r["images_per_s"] for r in rs], [r["decode_ms_per_step"] for r in rs], "o-", color=rank_color(i),
+                label=rung)
+        for r in rs:
+            ax.annotate(f"b{r['batch']}", (r["images_per_s"], r["decode_ms_per_step"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("images/s (whole workload)")
+    ax.set_ylabel("ms per decode step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

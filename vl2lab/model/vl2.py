@@ -131,9 +131,13 @@ class DeepseekVL2ForCausalLM(nn.Module):
                  images_spatial_crop: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, ignore_eos: bool = False, **ignored) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, ignore_eos: bool = False, decode: str = "eager",
+                 **ignored) -> torch.Tensor:
         """New token ids [B, max_new_tokens] (pad after EOS). EOS defaults to the config's, pad to the processor's
-        pad id when the model was loaded with one, else to EOS."""
+        pad id when the model was loaded with one, else to EOS.
+
+        ``decode``: ``"eager"`` (a Python loop of forwards), or greedy through a static step replayed as a CUDA graph
+        (``"graph"``; ``"compile"`` adds torch.compile): same tokens, see :mod:`vl2lab.graph_decode`."""
         from .generation import generate
 
         lm_cfg = self.config.language_config
@@ -146,6 +150,13 @@ class DeepseekVL2ForCausalLM(nn.Module):
         embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        if decode != "eager":
+            if do_sample:
+                raise ValueError(f"decode={decode!r} is greedy only; use decode='eager' for sampling")
+            from ..graph_decode import decoder_for
+            B, T = input_ids.shape
+            dec = decoder_for(self.language, B, T + max_new_tokens, embeds.device, decode, eos, pad, ignore_eos)
+            return dec.generate(embeds, attention_mask, max_new_tokens)
         return generate(self.language, embeds, attention_mask, max_new_tokens, do_sample, temperature, top_p,
                         eos, pad, generator=generator, ignore_eos=ignore_eos)
 

@@ -5,6 +5,11 @@
 * MHA + softmax greedy router (tiny)        → ``DeepseekOcr2TextModel`` (Llama-style MHA with the DeepSeekMoE FFN;
   it has no LM head, so the logits are its hidden states times vl2lab's ``lm_head``)
 
+They serve as the numerical reference of the tests (same weights, same logits) and as the speed peer of the tuning
+notebook (:func:`peer_timings`: what a user gets composing transformers' parts as they are).
+
+Lesson: notebook 05, section "The ladder" (the transformers peer).
+
 Every key the VL2 config leaves to defaults is written out, since transformers' defaults differ from the
 official ones. Weights are converted from vl2lab's layout: ``gate_up_proj`` [E, 2I, H] = cat(gate, up) along
 dim 1; ``down_proj`` [E, H, I] as is; everything else keeps its name.
@@ -104,3 +109,54 @@ def reference_logits(model, kind: str, lm, input_ids, attention_mask, position_i
     if kind == "deepseek_ocr2":
         return lm.lm_head(out.last_hidden_state).float()
     return out.logits.float()
+
+
+def _hf_config(cfg):
+    """The transformers config of ``cfg`` with transformers' own kernel choices (its defaults)."""
+    kind = reference_kind(cfg)
+    kw = _common(cfg)
+    del kw["attn_implementation"], kw["experts_implementation"]
+    if kind == "deepseek_v2":
+        from transformers import DeepseekV2Config
+        return kind, DeepseekV2Config(**kw, **_mla(cfg), topk_method="greedy")
+    if kind == "deepseek_v3":
+        from transformers import DeepseekV3Config
+        return kind, DeepseekV3Config(**kw, **_mla(cfg), rope_interleave=True, num_mtp_layers=0)
+    raise ValueError("the speed peer needs a causal-LM class: MLA presets only (small, base)")
+
+
+@torch.no_grad()
+def peer_timings(preset: str = "deepseek-vl2-small", batch_sizes=(1, 32), prompt_len: int = 1065,
+                 new_tokens: int = 64, device="cuda", repeats: int = 3, warmup: int = 1) -> list:
+    """transformers' DeepSeek causal LM at the preset's real size (random bf16 weights, built on ``device``),
+    ``generate`` with its defaults (SDPA attention, its default experts kernel, dynamic cache): prefill time and
+    decode ms per step ((t(N) − t(1)) / (N − 1)) for random prompt embeddings of ``prompt_len`` positions."""
+    from .bench import timed
+    from .config import get_config
+
+    cfg = get_config(preset).language_config
+    kind, hf_cfg = _hf_config(cfg)
+    from transformers import AutoModelForCausalLM
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    dev = torch.device(device)
+    rows = []
+    for b in batch_sizes:
+        embeds = torch.randn(b, prompt_len, cfg.hidden_size, dtype=torch.bfloat16, device=dev) * 0.02
+        mask = torch.ones(b, prompt_len, dtype=torch.long, device=dev)
+
+        def gen(n):
+            return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+        pre = timed(lambda: gen(1), dev, repeats, warmup)
+        e2e = timed(lambda: gen(new_tokens), dev, repeats, warmup)
+        rows.append({"peer": f"transformers {type(model).__name__}", "kind": kind, "batch": b,
+                     "prefill_s": pre["median"],
+                     "decode_ms_per_step": (e2e["median"] - pre["median"]) / (new_tokens - 1) * 1e3})
+    del model
+    return rows
