@@ -324,11 +324,13 @@ _PUBLISHED.update({
 
 # vl2-micro: the model the project trains itself (vl2lab/train_micro.py) on the shapes task of vl2lab/scenes.py and
 # ships in vl2lab/assets/vl2-micro. Same structure as random-tiny (MHA with 6 heads, softmax greedy MoE, 2 shared
-# experts), sized to learn in minutes on two CPU cores; vocabulary = the task tokenizer's 512 entries.
+# experts), sized to learn in minutes on two CPU cores; vocabulary = the task tokenizer's 512 entries. The tower
+# uses 32-pixel patches (a 12×12 grid, 6×6 image tokens per tile: 85 tokens for a one-tile image instead of 421),
+# so training spends its time on many scenes rather than on many tokens per scene; the tiling is unchanged.
 _PUBLISHED["vl2-micro"] = {
-    "vision_config": {"model_name": "siglip_micro_patch14_384", "image_size": 384, "patch_size": 14, "width": 96,
-                      "layers": 2, "heads": 2, "mlp_ratio": 2.0},
-    "projector_config": {"input_dim": 96, "n_embed": 192, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2,
+    "vision_config": {"model_name": "siglip_micro_patch32_384", "image_size": 384, "patch_size": 32, "width": 192,
+                      "layers": 3, "heads": 3, "mlp_ratio": 2.0},
+    "projector_config": {"input_dim": 192, "n_embed": 192, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2,
                          "projector_type": "downsample_mlp_gelu"},
     "language_config": {**_RANDOM_LM_COMMON, "vocab_size": 512, "hidden_size": 192, "intermediate_size": 384,
                         "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 6,

@@ -4,13 +4,14 @@ Lesson: notebook 04, "Data parallel training and inference".
 
 **Training step** (each of W ranks holds a full replica; rank r sees its own b examples)::
 
-    loss_r = Σ_{answer tokens of rank r} CE  ·  W / N          N = Σ_r n_r  (answer tokens of the whole step)
-    DDP:    g = (1/W) Σ_r ∇ loss_r = ∇ (Σ_all CE / N)           (the all-reduce averages; buckets overlap backward)
+    loss_r = Σ_{answer tokens t of rank r} w_t · CE_t  ·  W / N     N = Σ_r Σ_t w_t  (over the whole step)
+    DDP:    g = (1/W) Σ_r ∇ loss_r = ∇ (Σ_all w·CE / N)        (the all-reduce averages; buckets overlap backward)
 
 so W ranks × b examples give the gradient of one process on W·b examples (``grad_equivalence_check``), whatever
 the token counts per rank. Only answer tokens count (the processor with ``mask_prompt=True`` labels the prompt,
-the image positions and the padding −100). A rank's examples are grouped by image size into micro-batches (no
-padding of a 421-token prompt to a 1023-token one); all but the last backward run under ``no_sync``.
+the image positions and the padding −100); the tokens of one answer share its question type's weight
+(``QTYPE_WEIGHTS``: w_t = weight / answer length), so N is a weighted count of answers. A rank's examples are grouped by image size into micro-batches (no
+padding of a one-tile prompt to a 2×2-tile one); all but the last backward run under ``no_sync``.
 
 **Data order**: ``DistributedSampler(shuffle=True, seed)``, ``set_epoch(e)``; an epoch gives each rank
 ⌈n/W⌉ indices (the sampler repeats a few to even the ranks out) and ⌊⌈n/W⌉/b⌋ steps — the uneven last batch is
@@ -41,8 +42,10 @@ __all__ = ["task_processor", "micro_batches", "make_batch", "loss_sum", "step_ex
 
 STATE = "trainer_state.pt"
 RESUME_KEYS = ("seed", "n_train", "batch_size", "world_size", "steps", "lr", "warmup", "min_lr_ratio",
-               "weight_decay", "grad_clip", "curriculum")
-CURRICULUM = ((0.0, 1), (0.2, 2), (0.4, 4))   # (from this fraction of the steps, scenes of at most k shapes)
+               "weight_decay", "grad_clip", "curriculum", "qtype_weights")
+CURRICULUM = ((0.0, 1), (0.1, 2), (0.25, 4))  # (from this fraction of the steps, scenes of at most k shapes)
+# loss weight of each answer by question type: colour and count first, the hard left-of and grounding answers less
+QTYPE_WEIGHTS = {"colour": 2.0, "count": 3.0, "shapes": 1.0, "left_of": 0.5, "ground": 0.5}
 
 
 class TrainingError(ValueError):
@@ -50,9 +53,9 @@ class TrainingError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def task_processor(path: str, vocab_size: int = 512):
-    """The processor of the shapes task (labels on answer tokens only). Rank 0 builds the tokenizer into ``path``
-    if it is not there yet; the others wait for it."""
+def task_processor(path: str, vocab_size: int = 512, patch_size: int = 14):
+    """The processor of the shapes task (labels on answer tokens only) for a tower of ``patch_size``. Rank 0 builds
+    the tokenizer into ``path`` if it is not there yet; the others wait for it."""
     from .processor import VL2Processor
     from .scenes import task_texts
     from .tokenizer import build_tokenizer
@@ -60,7 +63,7 @@ def task_processor(path: str, vocab_size: int = 512):
     if vdist.is_main() and not os.path.isfile(os.path.join(path, "tokenizer.json")):
         build_tokenizer(texts=task_texts(), vocab_size=vocab_size, path=path)
     vdist.barrier()
-    return VL2Processor.from_pretrained(path, mask_prompt=True)
+    return VL2Processor.from_pretrained(path, mask_prompt=True, patch_size=patch_size)
 
 
 def _config(config) -> VL2Config:
@@ -79,43 +82,71 @@ def micro_batches(examples: Sequence) -> list:
     return list(groups.values())
 
 
-def make_batch(processor, examples: Sequence):
-    """Training batch of one micro-batch: the processor's output with ``labels`` (−100 off the answers)."""
-    return processor(conversations=[ex.conversation(with_answer=True) for ex in examples], inference_mode=False,
-                     return_labels=True).to(vdist.device())
+def answer_qtypes(example) -> list:
+    """The question type of each answer of one training example, in order (a dialogue's turns, or one question)."""
+    return [t[0] for t in example.turns] if hasattr(example, "turns") else [example.qtype]
+
+
+def make_batch(processor, examples: Sequence, qtype_weights: Optional[dict] = None):
+    """Training batch of one micro-batch: the processor's output with ``labels`` (−100 off the answers) and
+    ``answer_weights`` [B, T−1] (aligned with ``labels[:, 1:]``): each answer's tokens sum to its question type's
+    weight in ``qtype_weights`` (1 for a type it does not name; all 1 when None)."""
+    batch = processor(conversations=[ex.conversation(with_answer=True) for ex in examples], inference_mode=False,
+                      return_labels=True)
+    w = answer_weights(batch["labels"][:, 1:])                      # [B, T−1], each answer sums to 1
+    if qtype_weights:
+        scale = torch.tensor([1.0] + [float(qtype_weights.get(q, 1.0)) for ex in examples for q in answer_qtypes(ex)])
+        run = _answer_ids(batch["labels"][:, 1:])                   # 1, 2, … in the examples' turn order; 0 off
+        if int(run.max()) != len(scale) - 1:
+            raise TrainingError(f"the batch holds {int(run.max())} answers but its examples have {len(scale) - 1} "
+                                "turns: an answer was cut (prompt longer than the processor's max_length?)")
+        w = w * scale[run]
+    batch["answer_weights"] = w
+    return batch.to(vdist.device())
+
+
+def _answer_ids(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels → [B, T] answer ids: 1, 2, … for the runs of labelled tokens in row-major order, 0 elsewhere."""
+    on = labels != -100                                             # [B, T]
+    start = on & ~F.pad(on, (1, 0))[:, :-1]                         # first token of each answer
+    run = torch.cumsum(start.flatten().long(), 0).view_as(labels)   # answer id (1, 2, …) over the whole batch
+    return torch.where(on, run, 0)
 
 
 def answer_weights(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] labels → [B, T] weights: each answer (a run of labelled tokens, its EOS included) sums to 1, so a
     one-word colour counts as much as a 20-token box; 0 off the answers."""
     on = labels != -100                                             # [B, T]
-    start = on & ~F.pad(on, (1, 0))[:, :-1]                         # first token of each answer
-    run = torch.cumsum(start.flatten().long(), 0).view_as(labels)   # answer id (1, 2, …) over the whole batch
-    run = torch.where(on, run, 0)
+    run = _answer_ids(labels)
     size = torch.bincount(run.flatten())                            # tokens per answer id
     return torch.where(on, 1.0 / size[run].float(), 0.0)
 
 
 def loss_sum(model, batch) -> torch.Tensor:
-    """Σ over the answers of one batch of their mean token cross-entropy (``labels`` from :func:`make_batch`)."""
+    """Σ over the answers of one batch of their weighted mean token cross-entropy (``labels`` and
+    ``answer_weights`` from :func:`make_batch`)."""
     batch = dict(batch)
     labels = batch.pop("labels")                                    # [B, T], −100 off the answers
-    logits = model(**batch).logits[:, :-1]                          # [B, T−1, V]: position t predicts t+1
+    weights = batch.pop("answer_weights", None)
     target = labels[:, 1:]
+    if weights is None:
+        weights = answer_weights(target)
+    logits = model(**batch).logits[:, :-1]                          # [B, T−1, V]: position t predicts t+1
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                          reduction="none")                          # [B·(T−1)], 0 where ignored
-    return (ce * answer_weights(target).flatten().to(ce.dtype)).sum()
+    return (ce * weights.flatten().to(ce.dtype)).sum()
 
 
-def n_answers(batch) -> int:
-    """Answers (assistant turns) labelled in a batch: the loss normaliser."""
-    return int(answer_weights(batch["labels"][:, 1:]).sum().round())
+def n_answers(batch) -> float:
+    """Σ of the answers' weights in a batch (the number of answers when all weights are 1): the loss normaliser."""
+    w = batch["answer_weights"] if "answer_weights" in batch else answer_weights(batch["labels"][:, 1:])
+    return float(w.sum())
 
 
-def _backward_step(ddp_model, processor, examples, world: int) -> tuple:
+def _backward_step(ddp_model, processor, examples, world: int, qtype_weights: Optional[dict] = None) -> tuple:
     """Forward + backward of one rank's examples with the global token normalisation → (Σ CE, local tokens,
     global tokens). All but the last micro-batch skip the all-reduce (``no_sync``); the last one syncs the sum."""
-    batches = [make_batch(processor, g) for g in micro_batches(examples)]
+    batches = [make_batch(processor, g, qtype_weights) for g in micro_batches(examples)]
     n_local = sum(n_answers(b) for b in batches)
     n_all = torch.tensor([float(n_local)], device=vdist.device())
     if world > 1:
@@ -220,10 +251,11 @@ def _load_state(out: str, cfg: VL2Config, args: dict) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, lr: float = 3e-3,
-          warmup: int = 30, min_lr_ratio: float = 0.05, weight_decay: float = 0.0, grad_clip: float = 1.0,
+def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, lr: float = 1e-3,
+          warmup: int = 50, min_lr_ratio: float = 0.05, weight_decay: float = 0.0, grad_clip: float = 1.0,
           n_train: int = 100_000, seed: int = 0, save_every: int = 100, resume: bool = False,
-          stop_at: Optional[int] = None, log_every: int = 10, curriculum=CURRICULUM) -> dict:
+          stop_at: Optional[int] = None, log_every: int = 10, curriculum=CURRICULUM,
+          qtype_weights: Optional[dict] = None) -> dict:
     """Rank function (``vl2lab.run("vl2lab.ddp:train", world_size=W, out=...)``): train ``config`` on the shapes
     task for ``steps`` steps of W·``batch_size`` examples; checkpoint every ``save_every`` steps and at the end.
     ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). Returns (every rank)
@@ -246,9 +278,10 @@ def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, l
         raise TrainingError(f"curriculum={curriculum} must start at fraction 0.0, e.g. {CURRICULUM}")
     args = dict(seed=seed, n_train=n_train, batch_size=batch_size, world_size=world, steps=steps, lr=lr,
                 warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
-                curriculum=curriculum)
+                curriculum=curriculum, qtype_weights=dict(QTYPE_WEIGHTS if qtype_weights is None else qtype_weights))
     os.makedirs(out, exist_ok=True)
-    processor = task_processor(os.path.join(out, "tokenizer"), vocab_size=cfg.language_config.vocab_size)
+    processor = task_processor(os.path.join(out, "tokenizer"), vocab_size=cfg.language_config.vocab_size,
+                               patch_size=cfg.vision_config.patch_size)
     torch.manual_seed(seed)
     model = build_model(cfg, seed=seed, device=vdist.device()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
@@ -269,7 +302,7 @@ def train(out: str, config="vl2-micro", steps: int = 600, batch_size: int = 8, l
             grp["lr"] = lr * _schedule(step, steps, warmup, min_lr_ratio)
         ds = [d for s0, d in stages if step >= s0][-1]
         examples = step_examples(ds, step, batch_size, world, rank, seed)
-        loss, _, n_all = _backward_step(ddp, processor, examples, world)
+        loss, _, n_all = _backward_step(ddp, processor, examples, world, args["qtype_weights"])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -354,8 +387,10 @@ def grad_equivalence_check(config="vl2-micro", batch_size: int = 2, seed: int = 
     from .scenes import dialogues
 
     world, rank = vdist.world_size(), vdist.rank()
-    processor = task_processor(tokenizer_dir, vocab_size=_config(config).language_config.vocab_size)
-    model = build_model(_config(config), seed=seed, device=vdist.device()).train()
+    cfg = _config(config)
+    processor = task_processor(tokenizer_dir, vocab_size=cfg.language_config.vocab_size,
+                               patch_size=cfg.vision_config.patch_size)
+    model = build_model(cfg, seed=seed, device=vdist.device()).train()
     reference = copy.deepcopy(model)
     examples = list(dialogues("train", world * batch_size))
     ddp = _wrap(model) if world > 1 else model

@@ -3,10 +3,10 @@
 Lesson: notebook 04, section "A model small enough to train here" (the task vl2-micro learns).
 
 A *scene* is fully determined by its integer seed (``random.Random(seed)``, the same on every platform): an image
-size (mostly 384×384 = one tile, 421 image tokens; sometimes 768×384, 384×768, 512×512 or 768×768 so that the
-dynamic tiling is exercised), then 1–4 shapes of **different kinds** (square, circle, triangle, cross), each with
-a colour (red, green, blue, yellow; colours may repeat), a size and a position. Shapes never overlap and their
-centres are at least ``MIN_DX`` of the width apart horizontally, so "just left of" has one answer.
+size (mostly 384×384 = one tile: 421 image tokens with 14-pixel patches, 85 with vl2-micro's 32-pixel ones;
+sometimes 768×384, 384×768, 512×512 or 768×768 so that the dynamic tiling is exercised), then 1–4 shapes of
+**different kinds** (square, circle, triangle, cross), each with a colour (red, green, blue, yellow; colours may
+repeat), a size and a position. Shapes never overlap and their centres are at least ``MIN_DX`` of the width apart horizontally, so "just left of" has one answer.
 
 Four question types, each in the official chat format (``<image>\\n`` + question, the answer as the assistant turn):
 
@@ -46,7 +46,8 @@ SHAPES = ("square", "circle", "triangle", "cross")
 QTYPES = ("colour", "count", "left_of", "ground")
 TRAIN_ONLY = ("shapes",)   # "Which shapes are there?" → "square, cross" (SHAPES order): a direct signal for the kinds
 SIZE_RANGE = (0.22, 0.36)  # shape side as a fraction of the image's shorter side
-# (width, height, weight): mostly one tile; the others give 1×2, 2×1 and 2×2 tilings (617, 631, 1023 tokens).
+# (width, height, weight): mostly one tile; the others give 2×1, 1×2 and 2×2 tilings (617, 631, 1023 tokens with
+# 14-pixel patches; 121, 127, 199 with vl2-micro's 32-pixel patches).
 IMAGE_SIZES = ((384, 384, 14), (768, 384, 2), (384, 768, 2), (512, 512, 1), (768, 768, 1))
 EVAL_OFFSET = 1_000_000
 MIN_DX = 0.08            # centres differ by ≥ 8 % of the width
@@ -191,7 +192,7 @@ def make_example(seed: int, qtype: str) -> Example:
 @dataclass
 class Dialogue:
     """Every question about one scene, in a seeded random order, as one multi-turn conversation (training:
-    one pass over the image's 421+ tokens then supervises ~10 answers instead of one)."""
+    one pass over the image's tokens then supervises ~10 answers instead of one)."""
     seed: int
     scene: Scene
     turns: list            # [(qtype, question, answer)], the image tag on the first question
@@ -323,7 +324,7 @@ def score(examples: Sequence[Example], predictions: Sequence[str]) -> dict:
             true = [v for lab, v in parse_grounding(ex.answer, (W, H))][0]
             found = parse_grounding(pred, (W, H))
             ious.append(iou(found[0][1], true) if found else 0.0)
-    out = {q: {**per[q], "accuracy": per[q]["correct"] / per[q]["n"]} for q in QTYPES if q in per}
+    out = {q: {**d, "accuracy": d["correct"] / d["n"]} for q, d in per.items()}
     if ious:
         out["ground"].update(mean_iou=sum(ious) / len(ious), iou50=sum(v >= 0.5 for v in ious) / len(ious))
     out["overall"] = {"n": len(examples), "accuracy": sum(d["correct"] for d in per.values()) / max(1, len(examples))}
@@ -339,7 +340,7 @@ def answer_text(processor, ids) -> str:
     return processor.tokenizer.decode(ids, skip_special_tokens=False).strip()
 
 
-MAX_NEW_TOKENS = {"colour": 4, "count": 3, "left_of": 6, "ground": 40}
+MAX_NEW_TOKENS = {"colour": 4, "count": 3, "left_of": 6, "ground": 40, "shapes": 16}
 
 
 def predict(model, processor, examples: Sequence[Example], batch_size: int = 8) -> list:
@@ -347,7 +348,7 @@ def predict(model, processor, examples: Sequence[Example], batch_size: int = 8) 
     import torch
 
     out: list = [None] * len(examples)
-    for q in QTYPES:
+    for q in dict.fromkeys(ex.qtype for ex in examples):
         idx = [i for i, ex in enumerate(examples) if ex.qtype == q]
         for k in range(0, len(idx), batch_size):
             part = idx[k:k + batch_size]

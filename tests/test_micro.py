@@ -1,0 +1,75 @@
+"""The shipped vl2-micro snapshot: found by name, a faithful DeepSeek-VL2, and it answers the shapes task."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vl2lab import checkpoint, scenes
+from vl2lab.baseline import BaselineError, resolve_model
+
+ASSET = Path(__file__).resolve().parents[1] / "vl2lab" / "assets" / "vl2-micro"
+pytestmark = pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(),
+                                reason="vl2-micro snapshot not built (python -m vl2lab.train_micro)")
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return checkpoint.load_pretrained("vl2-micro")
+
+
+def test_found_by_name_and_small():
+    assert os.path.samefile(checkpoint.shipped_micro(), ASSET)
+    assert os.path.samefile(resolve_model("vl2-micro")["path"], ASSET)
+    files = {p.name: p.stat().st_size for p in ASSET.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "eval.json",
+            "README.md"} <= set(files)
+    assert sum(files.values()) < 12 * 2**20                       # a few MB: it ships inside the package
+
+
+def test_missing_snapshot_names_the_rebuild_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "MICRO_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(checkpoint.CheckpointError, match="python -m vl2lab.train_micro"):
+        checkpoint.load_pretrained("vl2-micro")
+    import vl2lab.baseline as baseline
+    monkeypatch.setattr(baseline, "MICRO_DIR", tmp_path / "nowhere")
+    with pytest.raises(BaselineError, match="python -m vl2lab.train_micro"):
+        resolve_model("vl2-micro")
+
+
+BAR = 0.6      # eval accuracy on colour and count that the shipped snapshot must reach (chance is about 0.25)
+
+
+def test_report_meets_the_bar():
+    report = json.loads((ASSET / "eval.json").read_text())
+    for q in ("colour", "count"):
+        assert report["eval"][q]["accuracy"] >= BAR, (q, report["eval"][q])
+    assert {"left_of", "ground"} <= set(report["eval"])                 # reported, whatever they reach
+    assert report["train"]["world_size"] == 2
+
+
+def test_same_modules_as_the_real_model(micro):
+    model, processor = micro
+    names = {n for n, _ in model.named_parameters()}
+    for key in ("image_newline", "view_seperator", "projector.layers.0.weight", "projector.layers.2.weight",
+                "language.model.layers.1.mlp.gate.weight", "language.model.layers.1.mlp.experts.gate_proj",
+                "language.model.layers.1.mlp.shared_experts.up_proj.weight", "language.model.layers.0.mlp.up_proj.weight",
+                "language.model.layers.0.self_attn.q_proj.weight", "language.lm_head.weight"):
+        assert key in names, key
+    lm = model.config.language_config
+    assert not lm.use_mla and lm.topk_method == "greedy" and lm.n_shared_experts >= 1
+    assert model.config.vision_config.image_size == 384
+    assert processor.patch_size == model.config.vision_config.patch_size
+
+
+def test_answers_fixed_colour_and_count_questions(micro):
+    model, processor = micro
+    ex = [e for e in scenes.dataset("eval", 32) if e.qtype in ("colour", "count")]   # 8 of each
+    assert len(ex) == 16
+    pred = scenes.predict(model, processor, ex, batch_size=16)
+    right = sum(p == e.answer for e, p in zip(ex, pred))
+    assert right >= 9, list(zip([e.answer for e in ex], pred))
