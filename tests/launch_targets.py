@@ -54,3 +54,11 @@ def hang():
     """Every rank sleeps forever (a deadlock stand-in)."""
     while True:
         time.sleep(0.5)
+
+
+def hang_at_exit():
+    """Returns its value, then the process cannot exit (a non-daemon thread that never ends), as a rank whose
+    communicator teardown hangs."""
+    import threading
+    threading.Thread(target=lambda: time.sleep(3600), daemon=False).start()
+    return vdist.rank() + 10

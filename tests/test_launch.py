@@ -257,3 +257,11 @@ def test_torchrun_cell_magic_pushes_and_pulls(tmp_path, monkeypatch, capsys):
     _assert_all_gone(ns["res"].run_dir, 2)
     with pytest.raises(UsageError, match="not defined"):
         shell.run_cell_magic("torchrun", "-n 2 --push nope", "pass")
+
+
+def test_ranks_that_reported_but_cannot_exit_keep_their_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VL2LAB_EXIT_GRACE_S", "3")
+    res = launch.run(T.hang_at_exit, world_size=2, backend="gloo", timeout=LONG, run_dir=tmp_path / "x")
+    assert res.values == [10, 11]
+    assert "every rank reported ok, but torchrun did not exit within 3 s" in capsys.readouterr().err
+    _assert_all_gone(res.run_dir, 2)

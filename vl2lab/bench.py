@@ -115,10 +115,12 @@ def timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
 
 
 def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "bfloat16", device: str = "auto",
-        batch_sizes=(1,), repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
+        batch_sizes=(1,), repeats: int = 3, warmup: int = 1, seed: int = 0, decode: str = "eager") -> dict:
     """Run the workload; ``model`` is a preset name (random weights) or, with ``snapshot``, a folder to load
-    (created there with random weights of ``model`` if it does not exist)."""
-    from . import sizing
+    (created there with random weights of ``model`` if it does not exist). ``decode``: eager, graph or compile
+    (:mod:`vl2lab.graph_decode`; compile also compiles the vision blocks). The device's ceilings and the
+    workload's floor (:mod:`vl2lab.roofline`) are measured and computed in the same run."""
+    from . import roofline, sizing
     from .checkpoint import load_pretrained, make_random_snapshot
     from .config import get_config
 
@@ -127,7 +129,8 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
                        ("cpu" if device == "auto" else device))
     result = {"workload": {"image": list(IMAGE_SIZE), "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                            "ignore_eos": True}, "model": model, "dtype": dtype, "device": str(dev),
-              "environment": environment(), "repeats": repeats, "warmup": warmup, "runs": []}
+              "environment": environment(), "repeats": repeats, "warmup": warmup, "decode": decode, "runs": []}
+    result["ceilings"] = roofline.measure_device(dev)
     if snapshot is None:
         import tempfile
         snapshot = os.path.join(tempfile.gettempdir(), f"vl2lab-bench-{model}-{dtype}")
@@ -144,6 +147,9 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
     result["load_s"] = time.perf_counter() - t0
     result["weights_bytes_measured"] = sum(p.numel() * p.element_size() for p in vl2.parameters())
     cfg = vl2.config
+    if decode == "compile":
+        from .ladder import Rung, apply
+        apply(vl2, Rung("compile", dtype=dtype, decode=decode, vision="compile"))
     image = workload_image(seed)
     conv = workload_conversation(processor, image)
     for b in batch_sizes:
@@ -153,7 +159,8 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
         tiles = tiles[tiles.abs().flatten(1).sum(1) > 0]
         with torch.inference_mode():
             vis = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
-            gen = lambda n: vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True)  # noqa: E731
+            gen = lambda n: vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True,  # noqa: E731
+                                         decode=decode)
             pre1 = timed(lambda: gen(1), dev, repeats, warmup)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -168,7 +175,9 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
                 "preprocess_s": pre, "vision_s": vis, "prefill_s": pre1, "e2e_s": e2e,
                 "decode_ms_per_token": (e2e["median"] - pre1["median"]) / (NEW_TOKENS - 1) * 1e3,
                 "images_per_s": b / e2e["median"],
-                "predicted_bytes": {k: v for k, v in pred.items() if isinstance(v, (int, float))}}
+                "predicted_bytes": {k: v for k, v in pred.items() if isinstance(v, (int, float))},
+                "floor": roofline.workload_floor(cfg, b, seq, NEW_TOKENS, int(tiles.shape[0]) // b,
+                                                 result["ceilings"], dtype)}
         if dev.type == "cuda":
             run_["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
         result["runs"].append(run_)
@@ -184,15 +193,22 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out", default=None, help="write the JSON here too")
+    ap.add_argument("--decode", default="eager", choices=("eager", "graph", "compile"),
+                    help="eager loop, CUDA-graph replay of a static step, or that compiled")
+    ap.add_argument("--out", default=None, help="write the JSON here too (and the roofline plot next to it)")
     a = ap.parse_args(argv)
-    res = run(a.model, a.snapshot, a.dtype, a.device, [int(x) for x in a.batch.split(",")], a.repeats, a.warmup)
+    res = run(a.model, a.snapshot, a.dtype, a.device, [int(x) for x in a.batch.split(",")], a.repeats, a.warmup,
+              decode=a.decode)
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             f.write(text)
+        import matplotlib
+        matplotlib.use("Agg")
+        from .plots import plot_bench_floor
+        plot_bench_floor(res).savefig(os.path.splitext(a.out)[0] + "_roofline.png", dpi=110)
     return 0
 
 

@@ -188,6 +188,55 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
     return result
 
 
+def run_ranks(model: str = "deepseek-vl2-small", layout: str = "tp", batch_sizes=(1, 32), decode: str = "graph",
+              moe: str = "tp", repeats: int = 3, warmup: int = 1, new_tokens: int = 64, seed: int = 0) -> dict:
+    """Rank function: the workload on every rank of the launch, as one tensor-parallel model (``layout="tp"``:
+    :func:`vl2lab.tp.shard_model`, requests as one batch) or as independent data-parallel replicas
+    (``"dp"``: each rank its own whole model and its own batch, all at once). Each rank builds the same random
+    model on its device (same seed), so no snapshot is needed. Also times bf16 all-reduces of one decode step's
+    message (batch × hidden × 2 bytes) on the launch's backend. Returns this rank's measurements, peak memory
+    and the planner's prediction for it.
+
+    Lesson: notebook 05, section "Tensor parallelism or data-parallel replicas"."""
+    import torch.distributed as dist
+
+    from . import sizing
+    from .baseline import build_on_device
+    from .checkpoint import project_processor
+    from .collectives import bench_collectives
+    from .config import get_config
+    from .dist import device as rank_device
+
+    if layout not in ("tp", "dp"):
+        raise ValueError(f"layout must be 'tp' or 'dp', got {layout!r}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = rank_device()
+    cfg = get_config(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = project_processor(cfg, tmp)
+    vl2 = build_on_device(model, "bfloat16", dev, seed)
+    if layout == "tp" and world > 1:
+        from .tp import shard_model
+        shard_model(vl2, moe=moe)
+    rung = Rung(f"{layout}{world} {decode}", decode=decode)
+    apply(vl2, rung)
+    runs = []
+    for b in batch_sizes:
+        dist.barrier()
+        r = measure(vl2, processor, rung, b, repeats, warmup, new_tokens, seed)
+        dist.barrier()
+        runs.append(r)
+    tp = world if layout == "tp" else 1
+    pred = sizing.layout_bytes(cfg, tp=tp, dtype="bfloat16", batch=max(batch_sizes),
+                               seq_len=runs[-1]["prompt_len"] + new_tokens, tiles=runs[-1]["tiles"] // max(batch_sizes))
+    h = cfg.language_config.hidden_size
+    comm = bench_collectives(sizes_bytes=tuple(b * h * 2 for b in batch_sizes), repeats=50, ops=("all_reduce",),
+                             dtype="bfloat16") if world > 1 else None
+    return {"rank": rank, "world_size": world, "layout": layout, "model": model, "decode": decode, "runs": runs,
+            "predicted_bytes": {k: v for k, v in pred.items() if isinstance(v, (int, float))},
+            "all_reduce": comm["ops"]["all_reduce"] if comm else None, "backend": dist.get_backend()}
+
+
 def main(argv=None) -> int:
     """``python -m vl2lab.ladder --model deepseek-vl2-tiny --batch 1,32 --out FILE [--profile]``"""
     import argparse

@@ -49,6 +49,7 @@ __all__ = ["run", "RankResults", "RankRecord", "RankFailedError", "RankTimeoutEr
 
 GRACE_S = 5.0  # between SIGTERM and SIGKILL when a launch is stopped
 PROGRESS_EVERY_S = 10.0
+EXIT_GRACE_S = 30.0         # after every rank reported: how long torchrun may take to exit
 BACKENDS = ("auto", "gloo", "nccl")
 _ACTIVE: set = set()  # launches still running, stopped at exit
 
@@ -570,10 +571,21 @@ class _Tail:
             sys.stdout.flush()
 
 
+def _exit_grace() -> float:
+    return float(os.environ.get("VL2LAB_EXIT_GRACE_S", EXIT_GRACE_S))
+
+
+def _reported(run_dir: str) -> int:
+    return sum(n.endswith(".status.json") for n in os.listdir(run_dir))
+
+
 def _wait(launch: _Launch, timeout, stream, progress_after, expected: int):
-    """Exit code of torchrun, or None when the wall-clock timeout ran out."""
+    """Exit code of torchrun; None when the wall-clock timeout ran out; ``"stuck"`` when every rank of this node
+    has reported but torchrun is still running :data:`EXIT_GRACE_S` (env ``VL2LAB_EXIT_GRACE_S``) later (a process hanging in its teardown,
+    e.g. a communicator that does not shut down: the results are in, so the launch is stopped and returned)."""
     tail = _Tail(os.path.join(launch.run_dir, "rank0.log")) if stream else None
     next_progress = progress_after
+    all_in = None
     while True:
         try:
             rc = launch.proc.wait(timeout=0.25)
@@ -583,12 +595,16 @@ def _wait(launch: _Launch, timeout, stream, progress_after, expected: int):
             tail.pump()
         if rc is not None:
             return rc
-        elapsed = time.monotonic() - launch.t0
+        now = time.monotonic()
+        elapsed = now - launch.t0
         if elapsed > timeout:
             return None
+        if all_in is None and _reported(launch.run_dir) >= expected:
+            all_in = now
+        if all_in is not None and now - all_in > _exit_grace():
+            return "stuck"
         if progress_after is not None and elapsed >= next_progress:
-            done = sum(n.endswith(".status.json") for n in os.listdir(launch.run_dir))
-            print(f"[vl2lab] {elapsed:.0f} s: {done}/{expected} ranks finished",
+            print(f"[vl2lab] {elapsed:.0f} s: {_reported(launch.run_dir)}/{expected} ranks finished",
                   file=sys.stderr, flush=True)
             next_progress = elapsed + PROGRESS_EVERY_S
 
@@ -642,6 +658,13 @@ def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, 
         msg = timeout_message(records, timeout, run_dir)
         raise RankTimeoutError(msg, records, run_dir, launch.proc.pid)
     res = RankResults(records, world_size, run_dir, wall, launch.proc.pid)
+    if rc != 0 and all(r.status == "ok" for r in records):
+        # every rank returned its value; only the processes' exit went wrong (a teardown that hangs or fails)
+        how = (f"did not exit within {_exit_grace():.0f} s and was stopped" if rc == "stuck"
+               else f"exited with code {rc}")
+        print(f"[vl2lab] warning: every rank reported ok, but torchrun {how}; the results are kept "
+              f"(logs in {run_dir})", file=sys.stderr, flush=True)
+        return res
     if rc != 0 or any(r.status in ("error", "missing") for r in records):
         msg, first = failure_message(records, rc, run_dir, node_tag)
         raise RankFailedError(msg, records, run_dir, launch.proc.pid, first)

@@ -411,3 +411,31 @@ def plot_batch_curve(rows: list, title: str = ""):
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_bench_floor(result: dict):
+    """The benchmark against its floor: per batch size, measured vs floor for the vision tower, the prefill, one
+    decode step and the whole request (log scale); ``result`` from ``vl2lab.bench.run``."""
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 3.4), squeeze=False)
+    parts = (("vision", "vision_s", "vision_s"), ("prefill", "prefill_s", "prefill_s"),
+             ("decode step", None, "decode_s_per_step"), ("request", "e2e_s", "e2e_s"))
+    for ax, r in zip(axes[0], runs):
+        meas = [r[m]["median"] if m else r["decode_ms_per_token"] / 1e3 for _, m, _ in parts]
+        floor = [r["floor"][f] for _, _, f in parts]
+        x = range(len(parts))
+        ax.bar([i - 0.2 for i in x], [v * 1e3 for v in meas], 0.4, label="measured", color=rank_color(0))
+        ax.bar([i + 0.2 for i in x], [v * 1e3 for v in floor], 0.4, label="floor", color=rank_color(2))
+        ax.set_yscale("log")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([p[0] for p in parts], fontsize=8)
+        ax.set_ylabel("ms", fontsize=8)
+        ax.set_title(f"batch {r['batch']}: {r['images_per_s']:.1f} images/s (floor {r['floor']['images_per_s']:.0f})",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    env = result["environment"]
+    fig.suptitle(f"{result['model']}, {result['dtype']}, decode={result.get('decode', 'eager')} — "
+                 f"{env.get('gpu', 'CPU')}", fontsize=10)
+    fig.tight_layout()
+    return fig
