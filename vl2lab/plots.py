@@ -414,21 +414,22 @@ def plot_batch_curve(rows: list, title: str = ""):
 
 
 def plot_bench_floor(result: dict):
-    """The benchmark against its floor: per batch size, measured vs floor for the vision tower, the prefill, one
-    decode step and the whole request (log scale); ``result`` from ``vl2lab.bench.run``."""
+    """The benchmark against its floor: per batch size, measured vs floor for the vision tower, the prefill (which
+    includes the vision tower), one decode step and the whole request (log scale); ``result`` from
+    ``vl2lab.bench.run``."""
     runs = result["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 3.4), squeeze=False)
-    parts = (("vision", "vision_s", "vision_s"), ("prefill", "prefill_s", "prefill_s"),
-             ("decode step", None, "decode_s_per_step"), ("request", "e2e_s", "e2e_s"))
+    parts = ("vision", "vision + prefill", "decode step", "request")
     for ax, r in zip(axes[0], runs):
-        meas = [r[m]["median"] if m else r["decode_ms_per_token"] / 1e3 for _, m, _ in parts]
-        floor = [r["floor"][f] for _, _, f in parts]
+        f = r["floor"]
+        meas = [r["vision_s"]["median"], r["prefill_s"]["median"], r["decode_ms_per_token"] / 1e3, r["e2e_s"]["median"]]
+        floor = [f["vision_s"], f["vision_s"] + f["prefill_s"], f["decode_s_per_step"], f["e2e_s"]]
         x = range(len(parts))
         ax.bar([i - 0.2 for i in x], [v * 1e3 for v in meas], 0.4, label="measured", color=rank_color(0))
         ax.bar([i + 0.2 for i in x], [v * 1e3 for v in floor], 0.4, label="floor", color=rank_color(2))
         ax.set_yscale("log")
         ax.set_xticks(list(x))
-        ax.set_xticklabels([p[0] for p in parts], fontsize=8)
+        ax.set_xticklabels(parts, fontsize=8)
         ax.set_ylabel("ms", fontsize=8)
         ax.set_title(f"batch {r['batch']}: {r['images_per_s']:.1f} images/s (floor {r['floor']['images_per_s']:.0f})",
                      fontsize=9)
