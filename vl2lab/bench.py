@@ -114,6 +114,34 @@ def timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
     return {"median": statistics.median(times), "p10": q[0], "p90": q[-1], "n": len(times)}
 
 
+def measure_generate(vl2, processor, conv, batch_size: int, decode: str = "eager", repeats: int = 3,
+                     warmup: int = 1, new_tokens: int = NEW_TOKENS) -> dict:
+    """Time the vision tower on the batch's tiles, ``generate`` of 1 token (prefill) and of ``new_tokens``
+    (EOS ignored) for ``batch_size`` copies of ``conv``; peak device memory of the full generation on GPUs.
+    Returns the batch (on the model's device), its real tiles, the three timings, the tokens and the peak."""
+    dev = next(vl2.parameters()).device
+    dt = next(vl2.parameters()).dtype
+    batch = processor(conversations=[conv] * batch_size).to(dev, dt)
+    tiles = batch["images"].flatten(0, 1)
+    tiles = tiles[tiles.abs().flatten(1).sum(1) > 0]                 # [N real tiles, 3, 384, 384]
+
+    def gen(n):
+        return vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True, decode=decode)
+
+    out = {"batch": batch, "tiles": tiles}
+    with torch.inference_mode():
+        out["vision_s"] = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
+        out["prefill_s"] = timed(lambda: gen(1), dev, repeats, warmup)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        out["e2e_s"] = timed(lambda: gen(new_tokens), dev, repeats, warmup)
+        out["tokens"] = gen(new_tokens)
+    if dev.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return out
+
+
 def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "bfloat16", device: str = "auto",
         batch_sizes=(1,), repeats: int = 3, warmup: int = 1, seed: int = 0, decode: str = "eager") -> dict:
     """Run the workload; ``model`` is a preset name (random weights) or, with ``snapshot``, a folder to load
@@ -154,19 +182,8 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
     conv = workload_conversation(processor, image)
     for b in batch_sizes:
         pre = timed(lambda: processor(conversations=[conv] * b), torch.device("cpu"), repeats, warmup)
-        batch = processor(conversations=[conv] * b).to(dev, dt)
-        tiles = batch["images"].flatten(0, 1)
-        tiles = tiles[tiles.abs().flatten(1).sum(1) > 0]
-        with torch.inference_mode():
-            vis = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
-            gen = lambda n: vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True,  # noqa: E731
-                                         decode=decode)
-            pre1 = timed(lambda: gen(1), dev, repeats, warmup)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            e2e = timed(lambda: gen(NEW_TOKENS), dev, repeats, warmup)
-            out = gen(NEW_TOKENS)
+        m = measure_generate(vl2, processor, conv, b, decode, repeats, warmup, NEW_TOKENS)
+        batch, tiles, vis, pre1, e2e, out = m["batch"], m["tiles"], m["vision_s"], m["prefill_s"], m["e2e_s"], m["tokens"]
         seq = int(batch["input_ids"].shape[1])
         pred = sizing.layout_bytes(cfg, tp=1, dtype=dtype, batch=b, seq_len=seq + NEW_TOKENS,
                                    tiles=int(tiles.shape[0]) // b)
@@ -178,8 +195,8 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
                 "predicted_bytes": {k: v for k, v in pred.items() if isinstance(v, (int, float))},
                 "floor": roofline.workload_floor(cfg, b, seq, NEW_TOKENS, int(tiles.shape[0]) // b,
                                                  result["ceilings"], dtype)}
-        if dev.type == "cuda":
-            run_["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+        if "peak_bytes" in m:
+            run_["peak_bytes"] = m["peak_bytes"]
         result["runs"].append(run_)
     return result
 

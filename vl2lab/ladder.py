@@ -77,33 +77,19 @@ def apply(vl2, rung: Rung) -> None:
 def measure(vl2, processor, rung: Rung, batch_size: int, repeats: int = 3, warmup: int = 1,
             new_tokens: int = 64, seed: int = 0) -> dict:
     """The workload at ``batch_size`` in the rung's state → times (seconds, median/p10/p90) and throughput."""
-    from .bench import timed, workload_conversation, workload_image
+    from .bench import measure_generate, workload_conversation, workload_image
 
-    dev = next(vl2.parameters()).device
-    dt = getattr(torch, rung.dtype)
     conv = workload_conversation(processor, workload_image(seed))
-    batch = processor(conversations=[conv] * batch_size).to(dev, dt)
-    tiles = batch["images"].flatten(0, 1)
-    tiles = tiles[tiles.abs().flatten(1).sum(1) > 0]
-
-    def gen(n):
-        return vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True, decode=rung.decode)
-
-    with torch.inference_mode(), _attention(rung.attention):
-        vis = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
-        pre = timed(lambda: gen(1), dev, repeats, warmup)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        e2e = timed(lambda: gen(new_tokens), dev, repeats, warmup)
-        tokens = gen(new_tokens)
+    with _attention(rung.attention):
+        m = measure_generate(vl2, processor, conv, batch_size, rung.decode, repeats, warmup, new_tokens)
+    batch, tiles, vis, pre, e2e, tokens = m["batch"], m["tiles"], m["vision_s"], m["prefill_s"], m["e2e_s"], m["tokens"]
     out = {"rung": rung.name, "batch": batch_size, "vision_s": vis, "prefill_s": pre, "e2e_s": e2e,
            "tiles": int(tiles.shape[0]), "tiles_per_s": tiles.shape[0] / vis["median"],
            "decode_ms_per_step": (e2e["median"] - pre["median"]) / (new_tokens - 1) * 1e3,
            "images_per_s": batch_size / e2e["median"], "prompt_len": int(batch["input_ids"].shape[1]),
            "new_tokens": int(tokens.shape[1]), "tokens": tokens[0, :8].tolist()}
-    if dev.type == "cuda":
-        out["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+    if "peak_bytes" in m:
+        out["peak_bytes"] = m["peak_bytes"]
     return out
 
 
