@@ -41,13 +41,14 @@ def test_missing_snapshot_names_the_rebuild_command(tmp_path, monkeypatch):
         resolve_model("vl2-micro")
 
 
-BAR = 0.6      # eval accuracy on colour and count that the shipped snapshot must reach (chance is about 0.25)
+# eval accuracy the shipped snapshot must reach per question type (chance: colour 0.25, count about 0.33)
+BARS = {"colour": 0.65, "count": 0.9}
 
 
 def test_report_meets_the_bar():
     report = json.loads((ASSET / "eval.json").read_text())
     for q in ("colour", "count"):
-        assert report["eval"][q]["accuracy"] >= BAR, (q, report["eval"][q])
+        assert report["eval"][q]["accuracy"] >= BARS[q], (q, report["eval"][q])
     assert {"left_of", "ground"} <= set(report["eval"])                 # reported, whatever they reach
     assert report["train"]["world_size"] == 2
 
@@ -72,4 +73,4 @@ def test_answers_fixed_colour_and_count_questions(micro):
     assert len(ex) == 16
     pred = scenes.predict(model, processor, ex, batch_size=16)
     right = sum(p == e.answer for e, p in zip(ex, pred))
-    assert right >= 9, list(zip([e.answer for e in ex], pred))
+    assert right >= 12, list(zip([e.answer for e in ex], pred))

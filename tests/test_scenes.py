@@ -48,7 +48,7 @@ def test_scenes_follow_their_rules():
     for seed in range(60):
         sc = scenes.make_scene(seed)
         sizes.add((sc.width, sc.height))
-        assert 1 <= len(sc.shapes) <= len(scenes.SHAPES)
+        assert 1 <= len(sc.shapes) <= scenes.MAX_SHAPES
         assert len({s.kind for s in sc.shapes}) == len(sc.shapes)            # kinds are distinct
         for i, s in enumerate(sc.shapes):
             x1, y1, x2, y2 = s.box
@@ -80,17 +80,23 @@ def test_answers_are_right_by_construction():
         assert scenes.iou(box, ex.target.box) > 0.97
 
 
-def test_dialogue_holds_every_question_once_with_one_image():
-    d = scenes.make_dialogue(11)
-    conv = d.conversation()
-    n = len(d.scene.shapes)
-    assert len(d.turns) == 2 * n + 2 + (n - 1)   # colour+ground per shape, count, shapes, left_of
-    assert sum("<image>" in t["content"] for t in conv) == 1 and conv[0]["content"].startswith("<image>\n")
-    assert [t["role"] for t in conv] == ["<|User|>", "<|Assistant|>"] * len(d.turns)
-    order = [q for q, _, _ in d.turns[1:]]
-    firsts = {q: order.index(q) for q in ("count", "colour") if q in order}
-    later = [i for i, q in enumerate(order) if q in ("left_of", "ground")]
-    assert all(i > j for i in later for j in firsts.values())                 # no colour can be copied
+def test_dialogue_asks_about_each_shape_once_with_one_image():
+    for seed in range(12):
+        d = scenes.make_dialogue(seed)
+        conv = d.conversation()
+        n = len(d.scene.shapes)
+        qtypes = [q for q, _, _ in d.turns]
+        assert len(d.turns) == n + 3 + (n >= 2)     # count, shapes, a colour per shape, left_of?, ground
+        assert qtypes.count("colour") == n
+        assert qtypes.count("ground") == 1 and qtypes.count("left_of") == (n >= 2)
+        assert sum("<image>" in t["content"] for t in conv) == 1 and conv[0]["content"].startswith("<image>\n")
+        assert [t["role"] for t in conv] == ["<|User|>", "<|Assistant|>"] * len(d.turns)
+        order = qtypes[1:]
+        firsts = [i for i, q in enumerate(order) if q in ("count", "colour")]
+        later = [i for i, q in enumerate(order) if q in ("left_of", "ground")]
+        assert all(i > j for i in later for j in firsts)                 # no colour can be copied
+    kinds = {d.turns[0][0] for d in map(scenes.make_dialogue, range(40))}
+    assert {"colour", "count"} <= kinds                                   # eval-like first turns
 
 
 def test_score_on_perfect_and_wrong_predictions():

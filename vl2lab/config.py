@@ -325,10 +325,10 @@ _PUBLISHED.update({
 # vl2-micro: the model the project trains itself (vl2lab/train_micro.py) on the shapes task of vl2lab/scenes.py and
 # ships in vl2lab/assets/vl2-micro. Same structure as random-tiny (MHA with 6 heads, softmax greedy MoE, 2 shared
 # experts), sized to learn in minutes on two CPU cores; vocabulary = the task tokenizer's 512 entries. The tower
-# uses 32-pixel patches (a 12×12 grid, 6×6 image tokens per tile: 85 tokens for a one-tile image instead of 421),
+# uses 24-pixel patches (a 16×16 grid, 8×8 image tokens per tile: 145 tokens for a one-tile image instead of 421),
 # so training spends its time on many scenes rather than on many tokens per scene; the tiling is unchanged.
 _PUBLISHED["vl2-micro"] = {
-    "vision_config": {"model_name": "siglip_micro_patch32_384", "image_size": 384, "patch_size": 32, "width": 192,
+    "vision_config": {"model_name": "siglip_micro_patch24_384", "image_size": 384, "patch_size": 24, "width": 192,
                       "layers": 3, "heads": 3, "mlp_ratio": 2.0},
     "projector_config": {"input_dim": 192, "n_embed": 192, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2,
                          "projector_type": "downsample_mlp_gelu"},

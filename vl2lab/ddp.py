@@ -42,10 +42,11 @@ __all__ = ["task_processor", "micro_batches", "make_batch", "loss_sum", "step_ex
 
 STATE = "trainer_state.pt"
 RESUME_KEYS = ("seed", "n_train", "batch_size", "world_size", "steps", "lr", "warmup", "min_lr_ratio",
-               "weight_decay", "grad_clip", "curriculum", "qtype_weights")
-CURRICULUM = ((0.0, 1), (0.1, 2), (0.25, 4))  # (from this fraction of the steps, scenes of at most k shapes)
+               "weight_decay", "grad_clip", "curriculum", "qtype_weights", "vision_lr_mult")
+CURRICULUM = ((0.0, 1), (0.1, 2), (0.25, 3))  # (from this fraction of the steps, scenes of at most k shapes)
 # loss weight of each answer by question type: colour and count first, the hard left-of and grounding answers less
 QTYPE_WEIGHTS = {"colour": 2.0, "count": 3.0, "shapes": 1.0, "left_of": 0.5, "ground": 0.5}
+VISION_LR_MULT = 3.0   # the vision tower's learning rate is this multiple of ``lr`` (it learns from scratch too)
 
 
 class TrainingError(ValueError):
@@ -255,7 +256,7 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
           warmup: int = 50, min_lr_ratio: float = 0.05, weight_decay: float = 0.0, grad_clip: float = 1.0,
           n_train: int = 100_000, seed: int = 0, save_every: int = 100, resume: bool = False,
           stop_at: Optional[int] = None, log_every: int = 10, curriculum=CURRICULUM,
-          qtype_weights: Optional[dict] = None) -> dict:
+          qtype_weights: Optional[dict] = None, vision_lr_mult: float = VISION_LR_MULT) -> dict:
     """Rank function (``vl2lab.run("vl2lab.ddp:train", world_size=W, out=...)``): train ``config`` on the shapes
     task for ``steps`` steps of W·``batch_size`` examples; checkpoint every ``save_every`` steps and at the end.
     ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). Returns (every rank)
@@ -278,13 +279,17 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
         raise TrainingError(f"curriculum={curriculum} must start at fraction 0.0, e.g. {CURRICULUM}")
     args = dict(seed=seed, n_train=n_train, batch_size=batch_size, world_size=world, steps=steps, lr=lr,
                 warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
-                curriculum=curriculum, qtype_weights=dict(QTYPE_WEIGHTS if qtype_weights is None else qtype_weights))
+                curriculum=curriculum, qtype_weights=dict(QTYPE_WEIGHTS if qtype_weights is None else qtype_weights),
+                vision_lr_mult=float(vision_lr_mult))
     os.makedirs(out, exist_ok=True)
     processor = task_processor(os.path.join(out, "tokenizer"), vocab_size=cfg.language_config.vocab_size,
                                patch_size=cfg.vision_config.patch_size)
     torch.manual_seed(seed)
     model = build_model(cfg, seed=seed, device=vdist.device()).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    vision = [p for n, p in model.named_parameters() if n.startswith("vision.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    groups = [{"params": rest, "lr_mult": 1.0}, {"params": vision, "lr_mult": float(vision_lr_mult)}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     start, history = 0, []
     if resume:
         state, weights = _load_state(out, cfg, args)
@@ -299,7 +304,7 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
     t0, end = time.time(), stop_at or steps
     for step in range(start, end):
         for grp in opt.param_groups:
-            grp["lr"] = lr * _schedule(step, steps, warmup, min_lr_ratio)
+            grp["lr"] = lr * grp["lr_mult"] * _schedule(step, steps, warmup, min_lr_ratio)
         ds = [d for s0, d in stages if step >= s0][-1]
         examples = step_examples(ds, step, batch_size, world, rank, seed)
         loss, _, n_all = _backward_step(ddp, processor, examples, world, args["qtype_weights"])

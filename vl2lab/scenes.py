@@ -3,10 +3,10 @@
 Lesson: notebook 04, section "A model small enough to train here" (the task vl2-micro learns).
 
 A *scene* is fully determined by its integer seed (``random.Random(seed)``, the same on every platform): an image
-size (mostly 384×384 = one tile: 421 image tokens with 14-pixel patches, 85 with vl2-micro's 32-pixel ones;
-sometimes 768×384, 384×768, 512×512 or 768×768 so that the dynamic tiling is exercised), then 1–4 shapes of
-**different kinds** (square, circle, triangle, cross), each with a colour (red, green, blue, yellow; colours may
-repeat), a size and a position. Shapes never overlap and their centres are at least ``MIN_DX`` of the width apart horizontally, so "just left of" has one answer.
+size (mostly 384×384 = one tile: 421 image tokens with 14-pixel patches, 145 with vl2-micro's 24-pixel ones;
+sometimes 768×384, 384×768, 512×512 or 768×768 so that the dynamic tiling is exercised), then 1–3 shapes
+(``MAX_SHAPES``) of **different kinds** drawn from square, circle, triangle and cross, each with a colour (red,
+green, blue, yellow; colours may repeat), a size (28–40 % of the shorter side) and a position. Shapes never overlap and their centres are at least ``MIN_DX`` of the width apart horizontally, so "just left of" has one answer.
 
 Four question types, each in the official chat format (``<image>\\n`` + question, the answer as the assistant turn):
 
@@ -45,11 +45,14 @@ COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), 
 SHAPES = ("square", "circle", "triangle", "cross")
 QTYPES = ("colour", "count", "left_of", "ground")
 TRAIN_ONLY = ("shapes",)   # "Which shapes are there?" → "square, cross" (SHAPES order): a direct signal for the kinds
-SIZE_RANGE = (0.22, 0.36)  # shape side as a fraction of the image's shorter side
+SIZE_RANGE = (0.28, 0.40)  # shape side as a fraction of the image's shorter side
+MAX_SHAPES = 3             # a scene holds 1–3 shapes (of the four kinds)
 # (width, height, weight): mostly one tile; the others give 2×1, 1×2 and 2×2 tilings (617, 631, 1023 tokens with
-# 14-pixel patches; 121, 127, 199 with vl2-micro's 32-pixel patches).
+# 14-pixel patches; 209, 217, 345 with vl2-micro's 24-pixel patches).
 IMAGE_SIZES = ((384, 384, 14), (768, 384, 2), (384, 768, 2), (512, 512, 1), (768, 768, 1))
 EVAL_OFFSET = 1_000_000
+# odds of each question type for a dialogue's first turn (eval asks single questions, mostly colour and count)
+FIRST_TURN = {"colour": 4.0, "count": 3.0, "left_of": 1.5, "ground": 1.5}
 MIN_DX = 0.08            # centres differ by ≥ 8 % of the width
 BACKGROUND = (245, 245, 245)
 
@@ -101,7 +104,7 @@ class Scene:
         return [round(x1 / W * 999), round(y1 / H * 999), round(x2 / W * 999), round(y2 / H * 999)]
 
 
-def make_scene(seed: int, min_shapes: int = 1, max_shapes: int = len(SHAPES)) -> Scene:
+def make_scene(seed: int, min_shapes: int = 1, max_shapes: int = MAX_SHAPES) -> Scene:
     """The scene of ``seed`` with ``min_shapes``..``max_shapes`` shapes (``min_shapes`` = 2 for left-of questions;
     fewer ``max_shapes`` for an easy start of training). Deterministic."""
     if not 1 <= min_shapes <= max_shapes <= len(SHAPES):
@@ -191,8 +194,8 @@ def make_example(seed: int, qtype: str) -> Example:
 
 @dataclass
 class Dialogue:
-    """Every question about one scene, in a seeded random order, as one multi-turn conversation (training:
-    one pass over the image's tokens then supervises ~10 answers instead of one)."""
+    """Questions about one scene (see :func:`make_dialogue`) as one multi-turn conversation (training: one pass
+    over the image's tokens then supervises up to 8 answers instead of one)."""
     seed: int
     scene: Scene
     turns: list            # [(qtype, question, answer)], the image tag on the first question
@@ -207,10 +210,11 @@ class Dialogue:
         return conv
 
 
-def make_dialogue(seed: int, max_shapes: int = len(SHAPES)) -> Dialogue:
-    """All questions about the scene of ``seed``: colour and ground per shape, count, left_of per shape with a left
-    neighbour. Order (seeded): first one question of a random type (the only turn that looks like an eval
-    prompt), then count, then the colours, then left_of and ground shuffled — so no answer can be read off an
+def make_dialogue(seed: int, max_shapes: int = MAX_SHAPES) -> Dialogue:
+    """The questions about the scene of ``seed``: count, which shapes, the colour of every shape, one left_of and
+    one ground question (the long box answers would otherwise fill most of the sequence). Order (seeded): first
+    one question drawn with ``FIRST_TURN`` odds (the turn that looks exactly like an eval prompt: image, then the
+    question), then count, shapes, the colours, then left_of and ground shuffled — so no answer can be read off an
     earlier turn (a colour named by a left_of or ground turn, the number of colour questions)."""
     scene = make_scene(seed, max_shapes=max_shapes)
     rng = random.Random(int(seed) * 15485863 + 7)
@@ -218,8 +222,12 @@ def make_dialogue(seed: int, max_shapes: int = len(SHAPES)) -> Dialogue:
               for qs in (("count",), ("shapes",), ("colour",), ("left_of", "ground"))]
     for b in blocks:
         rng.shuffle(b)
-    qtype = rng.choice([q for q in QTYPES if _subjects(scene, q)])
+    kinds = [q for q in FIRST_TURN if _subjects(scene, q)]
+    qtype = rng.choices(kinds, weights=[FIRST_TURN[q] for q in kinds])[0]
     first = next(t for b in blocks for t in b if t[0] == qtype)
+    blocks[3] = [t for t in blocks[3] if t is not first]
+    blocks[3] = [t for i, t in enumerate(blocks[3])                 # at most one of each (none if it came first)
+                 if t[0] != first[0] and all(u[0] != t[0] for u in blocks[3][:i])]
     turns = [first] + [t for b in blocks for t in b if t is not first]
     turns[0] = (first[0], "<image>\n" + first[1], first[2])
     return Dialogue(int(seed), scene, turns)
@@ -228,7 +236,7 @@ def make_dialogue(seed: int, max_shapes: int = len(SHAPES)) -> Dialogue:
 class DialogueDataset(Sequence):
     """``n`` training dialogues of a split (seed i, or ``EVAL_OFFSET + i`` for eval), made on demand."""
 
-    def __init__(self, split: str, n: int, max_shapes: int = len(SHAPES)):
+    def __init__(self, split: str, n: int, max_shapes: int = MAX_SHAPES):
         _check_split(split, n)
         self.n, self.offset, self.max_shapes = n, (0 if split == "train" else EVAL_OFFSET), max_shapes
 
@@ -241,7 +249,7 @@ class DialogueDataset(Sequence):
         return make_dialogue(self.offset + i % self.n, self.max_shapes)
 
 
-def dialogues(split: str, n: int, max_shapes: int = len(SHAPES)) -> DialogueDataset:
+def dialogues(split: str, n: int, max_shapes: int = MAX_SHAPES) -> DialogueDataset:
     """The first ``n`` multi-turn dialogues of ``split`` (what vl2-micro is trained on), scenes of at most
     ``max_shapes`` shapes."""
     return DialogueDataset(split, n, max_shapes)

@@ -1,15 +1,16 @@
 """Rebuild vl2-micro, the small DeepSeek-VL2 that ships in ``vl2lab/assets/vl2-micro``, in one command::
 
-    python -m vl2lab.train_micro --out vl2lab/assets/vl2-micro [--world-size 2] [--steps 1000] [--seed 0]
+    python -m vl2lab.train_micro --out vl2lab/assets/vl2-micro [--world-size 2] [--steps 900] [--seed 0]
 
 Lesson: notebook 04, section "A model small enough to train here".
 
 1. ``vl2lab.run("vl2lab.ddp:train", world_size=W, ...)``: DDP training from random weights on the shapes task
    (:mod:`vl2lab.scenes`, one multi-turn dialogue per scene), checkpoints in ``--work`` (resumable, ``--resume``).
-   The recipe (defaults of :func:`vl2lab.ddp.train` and of this command): the ``vl2-micro`` preset, AdamW
-   lr 1e-3 with a 50-step warm-up and a cosine to 5 %, 1000 steps of 2×4 dialogues, scenes of 1 shape for the
-   first 10 % of the steps, at most 2 until 25 %, then 1–4 (``ddp.CURRICULUM``), and answers weighted by question
-   type (``ddp.QTYPE_WEIGHTS``: colour ×2, count ×3, left-of and grounding ×0.5). About 10 minutes on 2 CPU cores.
+   The recipe (defaults of :func:`vl2lab.ddp.train` and of this command): the ``vl2-micro`` preset (24-pixel
+   patches), AdamW lr 1e-3 (×3 for the vision tower, ``ddp.VISION_LR_MULT``) with a 50-step warm-up and a cosine
+   to 5 %, 900 steps of 2×4 dialogues, scenes of 1 shape for the first 10 % of the steps, at most 2 until 25 %,
+   then 1–3 (``ddp.CURRICULUM``), and answers weighted by question type (``ddp.QTYPE_WEIGHTS``: colour ×2,
+   count ×3, left-of and grounding ×0.5). About 11 minutes on 2 CPU cores.
 2. Export: the last checkpoint, cast to ``--dtype`` (``auto``: float32 if the weights stay under 10 MiB, else
    bfloat16), saved as an official snapshot (config.json, model.safetensors, tokenizer files,
    processor_config.json) in ``--out``.
@@ -61,8 +62,9 @@ trains on two CPU cores) trained by this project from random weights on the synt
 `vl2lab/scenes.py`. Load it like any snapshot: `model, processor = vl2lab.load_pretrained(path)`.
 
 Made by `{report['command']}`: {tr['world_size']} ranks (DDP over gloo on CPU), {tr['steps']} steps of
-{tr['world_size']}×{tr['batch_size']} dialogues (one scene each, every question about it as a multi-turn chat),
-AdamW lr {tr['lr']} (warm-up, cosine), curriculum (fraction of steps, most shapes) {tr['curriculum']}, answer
+{tr['world_size']}×{tr['batch_size']} dialogues (one scene of 1–3 shapes each; its count, which shapes, every shape's colour, one left-of and one
+grounding question as a multi-turn chat),
+AdamW lr {tr['lr']} (×{tr['vision_lr_mult']:g} for the vision tower; warm-up, cosine), curriculum (fraction of steps, most shapes) {tr['curriculum']}, answer
 weights per question type {tr['qtype_weights']}, seed {tr['seed']}; training took {tr['wall_s'] / 60:.1f} min of wall time on
 {report['machine']}. {report['params']:,} parameters, weights stored as {report['dtype']}
 ({report['weights_bytes'] / 2**20:.1f} MiB).
@@ -83,9 +85,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vl2lab.train_micro", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="snapshot folder to write (e.g. vl2lab/assets/vl2-micro)")
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=4, help="dialogues per rank per step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--vision-lr-mult", type=float, default=None,
+                   help="the vision tower's lr as a multiple of --lr (default: ddp.VISION_LR_MULT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=400, help="eval questions (a quarter of each type)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -97,14 +101,15 @@ def main(argv=None) -> int:
 
     import vl2lab
 
-    from .ddp import CURRICULUM, QTYPE_WEIGHTS
+    from .ddp import CURRICULUM, QTYPE_WEIGHTS, VISION_LR_MULT
     from .scenes import dataset, score
 
     work = a.work or os.path.join(tempfile.gettempdir(), f"vl2-micro-work-seed{a.seed}")
     command = "python -m vl2lab.train_micro " + " ".join(argv if argv is not None else sys.argv[1:])
+    vmult = VISION_LR_MULT if a.vision_lr_mult is None else a.vision_lr_mult
     t0 = time.time()
     res = vl2lab.run("vl2lab.ddp:train", world_size=a.world_size, timeout=a.timeout, stream=True, out=work,
-                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, resume=a.resume)
+                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, vision_lr_mult=vmult, seed=a.seed, resume=a.resume)
     train_wall = time.time() - t0
     info = export(os.path.join(work, "checkpoint"), a.out, a.dtype)
     t1 = time.time()
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     hist = res[0]["history"]
     report = {"command": command, "machine": f"{os.cpu_count()} CPU cores (shared)", **info, "eval": metrics,
               "eval_wall_s": eval_wall,
-              "train": {"world_size": a.world_size, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+              "train": {"world_size": a.world_size, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult,
                         "seed": a.seed, "wall_s": train_wall, "final_loss": hist[-1]["loss"],
                         "curriculum": [list(c) for c in CURRICULUM], "qtype_weights": dict(QTYPE_WEIGHTS),
                         "resumed": a.resume, "allreduce_bytes_per_step": res[0]["allreduce_bytes_per_step"]}}
