@@ -110,15 +110,16 @@ def sample_images(scene_seeds=(3,)) -> dict:
     return out
 
 
-def token_layout(width: int, height: int, n_images: int = 1) -> dict:
+def token_layout(width: int, height: int, n_images: int = 1, patch_size: int = 14, downsample_ratio: int = 2) -> dict:
     """Everything the tiling decides for a width×height image, and where its image tokens go, counted by running
-    the model's own layout (``layout_image_features``) on marker vectors: cells 0, newline 1, separator 2."""
+    the model's own layout (``layout_image_features``) on marker vectors: cells 0, newline 1, separator 2.
+    ``patch_size``/``downsample_ratio``: the model's geometry (DeepSeek-VL2: 14 and 2, 14×14 tokens per tile)."""
     from .model.vision import layout_image_features
     from .tiling import image_layout
 
-    lay = image_layout(width, height, n_images)
+    lay = image_layout(width, height, n_images, patch_size=patch_size, downsample_ratio=downsample_ratio)
     tw, th = lay["tiles"]
-    h = 14
+    h = lay["grid"]
     seq = layout_image_features(torch.zeros(1 + tw * th, h, h, 1), tw, th, torch.ones(1), torch.full((1,), 2.0))
     kind = seq[:, 0]                                                   # [N_img]: 0 cell, 1 newline, 2 separator
     sep = int((kind == 2).nonzero()[0])

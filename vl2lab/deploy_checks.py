@@ -454,6 +454,3 @@ def die_after_first_token(snapshot_path: str, dying_rank: int = 1, prompt: str =
     model.language.register_forward_pre_hook(maybe_die)
     tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     return {"rank": rank, "tokens": tokens.cpu()}                    # never reached when a rank died
-
-
-from .layouts import three_layouts  # noqa: E402,F401  (rank functions are found here by older notebooks too)

@@ -53,8 +53,13 @@ def select_canvas(width: int, height: int, candidate_resolutions: Optional[Seque
 def image_token_count(width_tiles: int, height_tiles: int, image_size: int = 384, patch_size: int = 14,
                       downsample_ratio: int = 2) -> int:
     """N = h·(w+1) + 1 + (h·th)·(w·tw + 1) image-token positions for one image with tw × th local tiles."""
-    h = w = math.ceil((image_size // patch_size) / downsample_ratio)
+    h = w = token_grid(image_size, patch_size, downsample_ratio)
     return h * (w + 1) + 1 + (h * height_tiles) * (w * width_tiles + 1)
+
+
+def token_grid(image_size: int = 384, patch_size: int = 14, downsample_ratio: int = 2) -> int:
+    """Image tokens per side of one tile: ceil(floor(S / p) / r) (27 patches → 14 for DeepSeek-VL2)."""
+    return math.ceil((image_size // patch_size) / downsample_ratio)
 
 
 def image_layout(width: int, height: int, n_images: int = 1, candidate_resolutions: Optional[Sequence] = None,
@@ -64,6 +69,7 @@ def image_layout(width: int, height: int, n_images: int = 1, candidate_resolutio
               else (image_size, image_size))
     tw, th = canvas[0] // image_size, canvas[1] // image_size
     return {"canvas": canvas, "tiles": (tw, th), "vit_passes": 1 + tw * th,
+            "grid": token_grid(image_size, patch_size, downsample_ratio),
             "tokens": image_token_count(tw, th, image_size, patch_size, downsample_ratio)}
 
 
