@@ -220,7 +220,7 @@ class _DataParallelImageFeatures:
         self.model, self.group = model, group
 
     def __call__(self, pixel_tiles: torch.Tensor, crops) -> torch.Tensor:
-        from .model.vision import layout_image_features
+        from .model.vision import layout_images
 
         m = self.model
         rank, world = _rank_world(self.group)
@@ -234,12 +234,7 @@ class _DataParallelImageFeatures:
         else:
             mine = torch.zeros(0, h * h, d, dtype=w.dtype, device=w.device)
         feats = _all_gather_rows(mine, sizes, self.group).view(n, h, h, d)            # [N, h, h, D]
-        out, i = [], 0
-        for tw, th in crops:
-            k = 1 + tw * th
-            out.append(layout_image_features(feats[i:i + k], tw, th, m.image_newline, m.view_seperator))
-            i += k
-        return torch.cat(out, dim=0)
+        return layout_images(feats, crops, m.image_newline, m.view_seperator)
 
 
 def _all_gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:

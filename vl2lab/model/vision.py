@@ -32,7 +32,7 @@ from torch import nn
 from ..config import ProjectorConfig, VisionConfig
 
 __all__ = ["build_vision_tower", "encode_tiles", "space_to_depth", "Projector", "layout_image_features",
-           "image_token_count"]
+           "layout_images", "image_token_count"]
 
 
 def build_vision_tower(vision_config: VisionConfig) -> nn.Module:
@@ -141,3 +141,14 @@ def layout_image_features(tile_features: torch.Tensor, width_tiles: int, height_
     local = torch.cat([local, nl.expand(th * h, 1, d)], dim=1)      # [h·th, h·tw + 1, D]
     return torch.cat([glob.reshape(-1, d), view_seperator.to(tile_features.dtype).view(1, d),
                       local.reshape(-1, d)], dim=0)                 # [N_img, D]
+
+
+def layout_images(feats: torch.Tensor, crops, image_newline: torch.Tensor, view_seperator: torch.Tensor) -> torch.Tensor:
+    """Projected tiles of several images, one after another ([N, h, h, D]: each image's global tile then its
+    locals), and their (width, height) tile counts → [Σ N_img, D], the images' token sequences concatenated."""
+    out, i = [], 0
+    for tw, th in crops:
+        n = 1 + tw * th
+        out.append(layout_image_features(feats[i:i + n], tw, th, image_newline, view_seperator))
+        i += n
+    return torch.cat(out, dim=0)

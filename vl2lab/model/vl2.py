@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import VL2Config, get_config
-from .vision import Projector, build_vision_tower, encode_tiles, image_token_count, layout_image_features
+from .vision import Projector, build_vision_tower, encode_tiles, image_token_count, layout_images
 
 __all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model"]
 
@@ -65,12 +65,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         feats = self.projector(self.encode_tiles(pixel_tiles))      # [N, 196, D]
         h = self.projector.out_grid
         feats = feats.view(feats.shape[0], h, h, -1)                # [N, 14, 14, D]
-        out, i = [], 0
-        for tw, th in crops:
-            n = 1 + tw * th
-            out.append(layout_image_features(feats[i:i + n], tw, th, self.image_newline, self.view_seperator))
-            i += n
-        return torch.cat(out, dim=0)
+        return layout_images(feats, crops, self.image_newline, self.view_seperator)
 
     def prepare_inputs_embeds(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
                               images_seq_mask: Optional[torch.Tensor] = None,
