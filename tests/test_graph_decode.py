@@ -93,3 +93,17 @@ def test_recorded_h200_results_are_readable():
     assert rec["deepseek-vl2-tiny"]["environment"]["gpu"] == "NVIDIA H200"
     with pytest.raises(FileNotFoundError, match="python -m vl2lab.ladder"):
         ladder_report.load(ladder_report.RESULTS_DIR, "deepseek-vl2")
+
+
+def test_tensor_parallel_and_replicas_give_the_same_tokens():
+    """ladder.run_ranks on 2 gloo ranks: one TP model and two replicas answer alike, with the graph decoder."""
+    from vl2lab.config import get_config
+    from vl2lab.launch import run
+
+    hidden = get_config("random-small").language_config.hidden_size
+    kw = dict(model="random-small", batch_sizes=(1,), decode="graph", repeats=1, warmup=0, new_tokens=3)
+    tp = run("vl2lab.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="tp", **kw).values
+    dp = run("vl2lab.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="dp", **kw).values
+    assert tp[0]["runs"][0]["tokens"] == tp[1]["runs"][0]["tokens"] == dp[0]["runs"][0]["tokens"]
+    assert tp[0]["all_reduce"]["sizes"] == [2 * hidden]                   # one bf16 row per sequence
+    assert tp[0]["predicted_bytes"]["weights"] < dp[0]["predicted_bytes"]["weights"]
