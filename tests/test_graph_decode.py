@@ -1,6 +1,5 @@
 """The static decode step (vl2lab.graph_decode) gives the tokens of the eager loop; the ladder and its report."""
 import json
-import os
 
 import pytest
 import torch
@@ -60,7 +59,7 @@ def test_vl2_generate_decode_graph():
     from vl2lab.scenes import make_scene
 
     model = build_model("random-tiny", seed=2)
-    proc = project_processor(model.config, os.path.join(os.environ.get("TMPDIR", "/tmp"), "vl2lab-test-gd"))
+    proc = project_processor(model.config)
     conv = [{"role": "<|User|>", "content": "<image>\nWhat colour?", "images": [make_scene(1).render()]},
             {"role": "<|Assistant|>", "content": ""}]
     batch = proc(conversations=[conv, conv[:1] + [conv[1]]])

@@ -258,10 +258,13 @@ def prefill_activation_bytes(cfg, seq_len: int, chunk: int | None = None, dtype:
 MODES = {"vl2lab (SDPA, last logits)": ("sdpa", "last"), "official-like (eager scores, all logits)": ("eager", "all")}
 
 
-def _attention_kernel(attn: str):
-    """SDPA as it chooses ("sdpa"), or its math kernel, which materialises the scores like eager attention."""
+def attention_kernel(attn: str):
+    """SDPA as it chooses ("sdpa"), or its math kernel, which materialises the scores like eager attention
+    ("eager", or "math")."""
     if attn == "sdpa":
         return contextlib.nullcontext()
+    if attn not in ("eager", "math"):
+        raise ValueError(f"attention must be 'sdpa', 'eager' or 'math', got {attn!r}")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
 
@@ -280,7 +283,7 @@ def measure_prefill(lm, cfg, embeds, mask, chunk_size: int, dtype: str) -> dict:
         keep = 0 if logits == "all" else 1
         res = {}
         for how, chunk in (("one-shot", None), ("chunked", chunk_size)):
-            with torch.inference_mode(), _attention_kernel(attn), PeakMemory(dev) as m:
+            with torch.inference_mode(), attention_kernel(attn), PeakMemory(dev) as m:
                 out, cache = chunked_prefill(lm, embeds, mask, chunk or T, num_logits_to_keep=keep)
                 last = out[:, -1].float().cpu()
             del out, cache
@@ -305,19 +308,27 @@ def long_prompt(processor, n_images: int = 2, size: int = 1152, seed: int = 0):
                                     "images": ims}, {"role": "<|Assistant|>", "content": ""}])
 
 
-def build_on_device(preset: str, dtype: str = "bfloat16", device="cpu", seed: int = 0):
-    """A random DeepSeek-VL2 built directly on ``device`` in ``dtype`` (no fp32 copy, no snapshot): what the
-    real-size memory measurement needs. Weights are the modules' own random initialisation."""
-    from .model.vl2 import DeepseekVL2ForCausalLM
-
+@contextlib.contextmanager
+def constructed_on(device, dtype: str, seed: int = 0):
+    """Modules constructed inside are allocated on ``device`` in ``dtype`` and initialised from ``seed`` (no fp32
+    copy on the CPU first); the default dtype and the global random state are restored afterwards."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = DeepseekVL2ForCausalLM(get_config(preset))
+            yield
     finally:
         torch.set_default_dtype(old)
+
+
+def build_on_device(preset: str, dtype: str = "bfloat16", device="cpu", seed: int = 0):
+    """A random DeepSeek-VL2 built directly on ``device`` in ``dtype`` (no fp32 copy, no snapshot): what the
+    real-size memory measurement needs. Weights are the modules' own random initialisation."""
+    from .model.vl2 import DeepseekVL2ForCausalLM
+
+    with constructed_on(device, dtype, seed):
+        model = DeepseekVL2ForCausalLM(get_config(preset))
     return model.eval()
 
 

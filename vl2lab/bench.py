@@ -56,6 +56,13 @@ def environment() -> dict:
     return info
 
 
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: the first GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def workload_image(seed: int = 0):
     """A deterministic 768×768 RGB test picture (smooth colour ramps plus noise)."""
     import numpy as np
@@ -153,8 +160,7 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
     from .config import get_config
 
     dt = getattr(torch, dtype)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     result = {"workload": {"image": list(IMAGE_SIZE), "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                            "ignore_eos": True}, "model": model, "dtype": dtype, "device": str(dev),
               "environment": environment(), "repeats": repeats, "warmup": warmup, "decode": decode, "runs": []}

@@ -474,12 +474,17 @@ def make_random_snapshot(path: str, preset: str = "random-tiny", seed: int = 0,
     return os.fspath(path)
 
 
-def project_processor(cfg, path: str):
-    """The processor of a random model of ``cfg``: the project tokenizer (its files written to ``path``) and the
-    config's tiling geometry."""
+def project_processor(cfg, path: Optional[str] = None):
+    """The processor of a random model of ``cfg``: the project tokenizer (its files written to ``path``, or to a
+    temporary folder removed afterwards) and the config's tiling geometry."""
+    import tempfile
+
     from .processor import VL2Processor
     from .tokenizer import build_tokenizer
 
+    if path is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return project_processor(cfg, tmp)
     tokenizer = build_tokenizer(vocab_size=cfg.language_config.vocab_size, path=path)
     return VL2Processor(tokenizer, candidate_resolutions=cfg.candidate_resolutions,
                         patch_size=cfg.vision_config.patch_size,

@@ -80,7 +80,6 @@ class GraphDecoder:
         self.cache = IndexCache(self.kv, self.index)
         self.graph = None
         self.captured = False
-        self._step_fn = self._step
         self._layers = list(lm.model.layers)
 
     # ------------------------------------------------------------------------------------------ the step
@@ -111,17 +110,17 @@ class GraphDecoder:
         if self.mode == "compile":
             self._layers = compile_regions(self._layers)
         if self.device.type != "cuda":
-            self._step_fn()                                                  # CPU: check it runs; no graph
+            self._step()                                                  # CPU: check it runs; no graph
         else:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self._step_fn()
+                    self._step()
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._step_fn()
+                self._step()
         for t, s in zip(self._state(), saved):
             t.copy_(s)
 
@@ -130,7 +129,7 @@ class GraphDecoder:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._step_fn()
+            self._step()
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -137,13 +137,10 @@ def peer_timings(preset: str = "deepseek-vl2-small", batch_sizes=(1, 32), prompt
     cfg = get_config(preset).language_config
     kind, hf_cfg = _hf_config(cfg)
     from transformers import AutoModelForCausalLM
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
+    from .baseline import constructed_on
+
+    with constructed_on(device, "bfloat16"):
+        model = AutoModelForCausalLM.from_config(hf_cfg).eval()
     dev = torch.device(device)
     rows = []
     for b in batch_sizes:

@@ -22,11 +22,11 @@ weights in fp32 (no snapshot: the ladder is about speed) and cast to bf16 in pla
 """
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .baseline import attention_kernel
 
 __all__ = ["Rung", "RUNGS", "apply", "measure", "run"]
 
@@ -51,15 +51,6 @@ RUNGS = (
 )
 
 
-def _attention(kind: str):
-    if kind == "sdpa":
-        return contextlib.nullcontext()
-    if kind != "math":
-        raise ValueError(f"attention must be 'sdpa' or 'math', got {kind!r}")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def apply(vl2, rung: Rung) -> None:
     """Put the model in the state the rung describes (dtype casts are one-way: rungs go fp32 → bf16)."""
     dt = getattr(torch, rung.dtype)
@@ -80,7 +71,7 @@ def measure(vl2, processor, rung: Rung, batch_size: int, repeats: int = 3, warmu
     from .bench import measure_generate, workload_conversation, workload_image
 
     conv = workload_conversation(processor, workload_image(seed))
-    with _attention(rung.attention):
+    with attention_kernel(rung.attention):
         m = measure_generate(vl2, processor, conv, batch_size, rung.decode, repeats, warmup, new_tokens)
     batch, tiles, vis, pre, e2e, tokens = m["batch"], m["tiles"], m["vision_s"], m["prefill_s"], m["e2e_s"], m["tokens"]
     out = {"rung": rung.name, "batch": batch_size, "vision_s": vis, "prefill_s": pre, "e2e_s": e2e,
@@ -108,22 +99,26 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
 
     from . import roofline
     from .baseline import build_on_device
-    from .bench import environment
+    from .bench import environment, pick_device
     from .checkpoint import project_processor
     from .config import get_config
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     cfg = get_config(model)
     rungs = tuple(RUNGS[r - 1] if isinstance(r, int) else r for r in rungs)
     result = {"model": model, "device": str(dev), "environment": environment(), "repeats": repeats,
               "warmup": warmup, "new_tokens": new_tokens, "rungs": [asdict(r) for r in rungs], "runs": []}
     t0 = time.perf_counter()
+
+    def save():
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+
     result["ceilings"] = roofline.measure_device(dev)
     log(f"ceilings: {result['ceilings']['copy_bytes_per_s'] / 1e9:.0f} GB/s copy, "
         f"{result['ceilings']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 matmul")
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = project_processor(cfg, tmp)
+    processor = project_processor(cfg)
     first_dtype = rungs[0].dtype if rungs else "bfloat16"
     vl2 = build_on_device(model, first_dtype, dev, seed)
     result["build_s"] = time.perf_counter() - t0
@@ -132,7 +127,7 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
         if profile and i in (0, len(rungs) - 1):
             from .step_profile import profile_steps
             try:
-                with _attention(rung.attention), torch.inference_mode():
+                with attention_kernel(rung.attention), torch.inference_mode():
                     p = profile_steps(vl2, processor, 1, 8, rung.decode, seed)
             except Exception as e:  # noqa: BLE001 — recorded, the ladder goes on
                 p = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -147,9 +142,7 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
                 log(f"{rung.name:<48} b{b:<3} FAILED: {result['runs'][-1]['error']}")
                 continue
             result["runs"].append(r)
-            if out:
-                with open(out, "w") as f:
-                    json.dump(result, f, indent=1)
+            save()
             log(f"{rung.name:<48} b{b:<3} prefill {r['prefill_s']['median'] * 1e3:8.1f} ms  decode "
                 f"{r['decode_ms_per_step']:8.2f} ms/step  {r['images_per_s']:7.2f} img/s  "
                 f"vision {r['tiles_per_s']:6.0f} tiles/s")
@@ -168,9 +161,7 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
             result["peer"] = [{"error": f"{type(e).__name__}: {e}"[:500]}]
         log(f"peer: {result['peer']}")
     result["wall_s"] = time.perf_counter() - t0
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+    save()
     return result
 
 
@@ -198,8 +189,7 @@ def run_ranks(model: str = "deepseek-vl2-small", layout: str = "tp", batch_sizes
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = rank_device()
     cfg = get_config(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = project_processor(cfg, tmp)
+    processor = project_processor(cfg)
     vl2 = build_on_device(model, "bfloat16", dev, seed)
     if layout == "tp" and world > 1:
         from .tp import shard_model
