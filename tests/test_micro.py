@@ -74,3 +74,29 @@ def test_answers_fixed_colour_and_count_questions(micro):
     pred = scenes.predict(model, processor, ex, batch_size=16)
     right = sum(p == e.answer for e, p in zip(ex, pred))
     assert right >= 12, list(zip([e.answer for e in ex], pred))
+
+
+
+def test_predict_moves_inputs_to_the_models_device_and_dtype():
+    """On a GPU the processor's CPU tensors must follow the model (the eval ranks of ``ddp.shard_eval``)."""
+    model, processor = checkpoint.load_pretrained("vl2-micro", dtype=torch.bfloat16)
+    moved = []
+
+    class Spy:
+        def __call__(self, **kw):
+            out = processor(**kw)
+            real_to = out.to
+
+            def to(*a, **k):
+                moved.append(a)
+                return real_to(*a, **k)
+            out.to = to
+            return out
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    ex = [e for e in scenes.dataset("eval", 8) if e.qtype in ("colour", "count")]
+    pred = scenes.predict(model, Spy(), ex, batch_size=4)
+    assert all(isinstance(p, str) and p for p in pred), pred
+    assert moved and all(a == (torch.device("cpu"), torch.bfloat16) for a in moved), moved

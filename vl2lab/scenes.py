@@ -352,15 +352,17 @@ MAX_NEW_TOKENS = {"colour": 4, "count": 3, "left_of": 6, "ground": 40, "shapes":
 
 
 def predict(model, processor, examples: Sequence[Example], batch_size: int = 8) -> list:
-    """Greedy answers to ``examples`` in their order (batched by question type, so short answers stay short)."""
+    """Greedy answers to ``examples`` in their order (batched by question type, so short answers stay short), the
+    inputs moved to the model's device and dtype."""
     import torch
 
+    p = next(model.parameters())
     out: list = [None] * len(examples)
     for q in dict.fromkeys(ex.qtype for ex in examples):
         idx = [i for i, ex in enumerate(examples) if ex.qtype == q]
         for k in range(0, len(idx), batch_size):
             part = idx[k:k + batch_size]
-            batch = processor(conversations=[examples[i].conversation() for i in part])
+            batch = processor(conversations=[examples[i].conversation() for i in part]).to(p.device, p.dtype)
             with torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS[q], do_sample=False)
             for i, row in zip(part, ids):
