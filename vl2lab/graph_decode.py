@@ -86,12 +86,9 @@ class GraphDecoder:
     def _step(self):
         lm = self.lm
         self.key_ok.index_fill_(1, self.index, True)
-        x = lm.embed(self.tokens)                                            # [B, 1, H]
-        cos, sin = lm.model.rotary(self.positions, x.dtype)                  # [B, 1, d_rope]
-        mask = self.key_ok[:, None, None, :]                                 # [B, 1, 1, L]
-        for layer in self._layers:
-            x = layer(x, cos, sin, mask, self.cache)
-        logits = lm.lm_head(lm.model.norm(x))[:, -1].float()                 # [B, V]
+        x = lm.layers_forward(lm.embed(self.tokens), self.positions,         # [B, 1, H]; the mask [B, 1, 1, L]:
+                              self.key_ok[:, None, None, :], self.cache, self._layers)   # future slots are off
+        logits = lm.head(x)[:, -1]                                           # [B, V] fp32
         nxt = torch.where(self.done, self._pad, logits.argmax(-1))           # [B]
         self.out.index_copy_(1, self.step_i, nxt[:, None])
         if not self.ignore_eos:

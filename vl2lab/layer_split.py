@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .model.language import attention_inputs
 from .parallel import _rank_world
 
 __all__ = ["LayerSplitError", "layer_ranges", "load_layer_split", "PipelineLM", "generate", "describe",
@@ -166,17 +167,11 @@ class PipelineLM:
             dist.recv(x, src=self._peer(self.rank - 1), group=self.group)
         self._sync()
         t0 = time.perf_counter()
-        key_ok = attention_mask.to(device=x.device, dtype=torch.bool)               # [B, Tk]
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:].to(x.device)   # [B, T]
-        q_at = torch.arange(past, past + T, device=x.device)[:, None]
-        k_at = torch.arange(past + T, device=x.device)[None, :]
-        mask = (((k_at <= q_at) & key_ok[:, None, :]) | (k_at == q_at))[:, None]     # [B, 1, T, Tk]
-        cos, sin = lm.model.rotary(positions, x.dtype)
-        for layer in lm.model.layers.values():
-            x = layer(x, cos, sin, mask, cache)
+        positions, mask = attention_inputs(attention_mask, past, T, x.device)       # [B, T], [B, 1, T, Tk]
+        x = lm.layers_forward(x, positions, mask, cache, layers=lm.model.layers.values())
         k = num_logits_to_keep or T
         if self.rank == self.last:
-            logits = lm.lm_head(lm.model.norm(x[:, -k:])).float()                    # [B, k, V]
+            logits = lm.head(x[:, -k:])                                             # [B, k, V] fp32
         else:
             logits = torch.empty(B, k, self.config.vocab_size, dtype=torch.float32, device=self.device)
         self._sync()

@@ -25,7 +25,7 @@ from torch import nn
 from .attention import KVCache, MHAttention, MLAttention, RMSNorm, Rotary
 from .moe import MLP, Experts, MoE, Router
 
-__all__ = ["DeepseekLanguageModel", "DecoderLayer", "KVCache"]
+__all__ = ["DeepseekLanguageModel", "DecoderLayer", "KVCache", "attention_inputs"]
 
 
 class DecoderLayer(nn.Module):
@@ -58,6 +58,19 @@ class DeepseekModel(nn.Module):
         else:
             rope_dim = config.hidden_size // config.num_attention_heads
         self.rotary = Rotary(rope_dim, config.rope_theta, config.rope_scaling)
+
+
+def attention_inputs(attention_mask: torch.Tensor, past: int, T: int, device) -> tuple:
+    """The positions and mask of ``T`` new positions after ``past`` cached ones, from the whole sequence's
+    ``attention_mask`` [B, past + T] (1 = real token, 0 = left padding) → (position_ids [B, T]: each row counts its
+    real tokens from 0; mask [B, 1, T, past + T]: causal, padding keys hidden, every query sees itself so a padded
+    row never attends to nothing)."""
+    key_ok = attention_mask.to(device=device, dtype=torch.bool)                     # [B, Tk]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:].to(device)   # [B, T]
+    q_at = torch.arange(past, past + T, device=device)[:, None]                      # [T, 1] absolute index
+    k_at = torch.arange(past + T, device=device)[None, :]                            # [1, Tk]
+    mask = ((k_at <= q_at) & key_ok[:, None, :]) | (k_at == q_at)                    # [B, T, Tk]
+    return positions, mask[:, None]
 
 
 class DeepseekLanguageModel(nn.Module):
@@ -131,20 +144,26 @@ class DeepseekLanguageModel(nn.Module):
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but {past} cached + {T} new "
                              f"positions need ({B}, {past + T}); pass the mask of the whole sequence so far")
-        key_ok = attention_mask.to(device=x.device, dtype=torch.bool)                # [B, Tk]
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
-        q_at = torch.arange(past, past + T, device=x.device)[:, None]                # [T, 1] absolute index
-        k_at = torch.arange(past + T, device=x.device)[None, :]                      # [1, Tk]
-        mask = ((k_at <= q_at) & key_ok[:, None, :]) | (k_at == q_at)                # [B, T, Tk]
-        mask = mask[:, None]                                                         # [B, 1, T, Tk]
-
-        cos, sin = self.model.rotary(position_ids.to(x.device), x.dtype)             # [B, T, d_rope]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+        positions, mask = attention_inputs(attention_mask, past, T, x.device)        # [B, T], [B, 1, T, Tk]
+        x = self.layers_forward(x, positions if position_ids is None else position_ids, mask, cache)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
-        return self.lm_head(self.model.norm(x)).float(), cache
+        return self.head(x), cache
+
+    def layers_forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                       cache: Optional[KVCache], layers=None) -> torch.Tensor:
+        """[B, T, H] embeddings → [B, T, H] hidden states before the final norm: RoPE at ``position_ids`` [B, T],
+        then every decoder layer (or ``layers``: this rank's share, or compiled copies) with ``mask`` [B, 1, T|1,
+        Tk] (True = may attend) and ``cache``. The one layer loop that prefill, decode, the CUDA-graph step and the
+        layer split all run."""
+        cos, sin = self.model.rotary(position_ids.to(x.device), x.dtype)             # [B, T, d_rope]
+        for layer in (self.model.layers if layers is None else layers):
+            x = layer(x, cos, sin, mask, cache)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, k, H] hidden states → [B, k, V] fp32 logits (final norm, then the LM head)."""
+        return self.lm_head(self.model.norm(x)).float()
 
     def set_experts_impl(self, impl: str) -> None:
         """Pick the routed-experts computation in every MoE layer: 'grouped', 'dense' or 'loop'."""
