@@ -291,6 +291,24 @@ def _peak_memory(device) -> dict:
     return {"peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_intervals(module, device, store: list):
+    """Hooks that append [t_start, t_end] (perf_counter, the device synchronised) of every forward of ``module``
+    to ``store``; returns the handles (remove them when done)."""
+    def pre(*_):
+        _sync(device)
+        store.append([time.perf_counter(), None])
+
+    def post(*_):
+        _sync(device)
+        store[-1][1] = time.perf_counter()
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
 def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: Optional[str] = None,
            moe: str = "tp", vision: str = "replicated", max_new_tokens: int = 32, dtype: str = "float32",
            seed: int = 0, device=None, group=None) -> dict:
@@ -303,14 +321,13 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
 
     rank, world = _rank_world(group)
     device = torch.device(device) if device is not None else rank_device()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     image = Image.open(image_path).convert("RGB") if image_path else None   # a bad path fails before loading
     import transformers.models.siglip.modeling_siglip  # noqa: F401  (imported before the load is timed)
     path, made = _snapshot(snapshot_path, seed, group)
     try:
         t0 = time.perf_counter()
         model, processor = load_sharded(path, group=group, moe=moe, vision=vision, dtype=dtype, device=device)
-        sync()
+        _sync(device)
         load_s = time.perf_counter() - t0
     finally:
         _cleanup(path, made, group)
@@ -321,23 +338,19 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
         user["content"] = "<image>\n" + prompt
         user["images"] = [image]
     batch = processor(conversation=[user, {"role": "<|Assistant|>", "content": ""}]).to(device, as_dtype(dtype))
-    stamps = []
-
-    def stamp(*_):                                                   # a hook must return None
-        sync()
-        stamps.append(time.perf_counter())
-    hooks = [model.language.register_forward_pre_hook(stamp), model.language.register_forward_hook(stamp)]
+    spans: list = []                                                 # [start, end] of each language forward
+    hooks = forward_intervals(model.language, device, spans)
     try:
         with CommCounter(comm_modules(model)) as c:
             t0 = time.perf_counter()
             tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            sync()
+            _sync(device)
             total = time.perf_counter() - t0
     finally:
         for h in hooks:
             h.remove()
-    steps = len(stamps) // 2
-    decode_s = sum(stamps[2 * i + 1] - stamps[2 * i] for i in range(1, steps))
+    steps = len(spans)
+    decode_s = sum(b - a for a, b in spans[1:])
     n_new = int((tokens[0] != model.pad_token_id).sum()) if getattr(model, "pad_token_id", None) is not None \
         else tokens.shape[1]
     return {"rank": rank, "world_size": world, "moe": moe, "vision": model.tp_plan["vision"], "dtype": dtype,
@@ -347,8 +360,8 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
                        **{k: v for k, v in model.load_report.items() if k not in ("rank", "world_size")}},
             "holds": describe_rank(model),
             "comm_per_token": c.calls["language"][1] if steps > 1 else None,
-            "timings": {"load_s": load_s, "vision_embed_s": stamps[0] - t0 if stamps else None,
-                        "prefill_s": stamps[1] - stamps[0] if stamps else None, "decode_s": decode_s,
+            "timings": {"load_s": load_s, "vision_embed_s": spans[0][0] - t0 if spans else None,
+                        "prefill_s": spans[0][1] - spans[0][0] if spans else None, "decode_s": decode_s,
                         "decode_steps": steps - 1, "new_tokens": n_new, "generate_s": total,
                         "decode_tokens_per_s": (steps - 1) / decode_s if decode_s > 0 else None}}
 

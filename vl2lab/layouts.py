@@ -13,29 +13,12 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .deploy_checks import _barrier, describe_rank
+from .deploy_checks import _barrier, _sync, describe_rank, forward_intervals
 from .parallel import _rank_world
 from .shard_loader import as_dtype, load_sharded
 from .tp import CommCounter, param_bytes
 
 __all__ = ["three_layouts"]
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _intervals_of(module, device, store: list):
-    """Hooks that append (t_start, t_end) of every forward of ``module`` to ``store``; returns the handles."""
-    def pre(*_):
-        _sync(device)
-        store.append([time.perf_counter(), None])
-
-    def post(*_):
-        _sync(device)
-        store[-1][1] = time.perf_counter()
-    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
 def _timed_batch(fn, device, group) -> tuple:
@@ -101,7 +84,7 @@ def three_layouts(snapshot_path: str, n_requests: int = 8, max_new_tokens: int =
     one, every = batch_of(proc, [0]), batch_of(proc, range(n_requests))
     model.generate(**one, **gen)                         # warm-up: the timed call once (first-use kernel loads)
     spans: list = []
-    hooks = _intervals_of(model.language, device, spans)
+    hooks = forward_intervals(model.language, device, spans)
     lone, lat = _timed_batch(lambda: model.generate(**one, **gen), device, group)
     for h in hooks:
         h.remove()
@@ -124,7 +107,7 @@ def three_layouts(snapshot_path: str, n_requests: int = 8, max_new_tokens: int =
         ddp(**one)                                                                # one forward, as the article
     model.generate(**one, **gen)                                                 # warm-up, as above
     spans = []
-    hooks = _intervals_of(model.language, device, spans)
+    hooks = forward_intervals(model.language, device, spans)
     lone, lat = _timed_batch(lambda: model.generate(**one, **gen) if rank == 0 else None, device, group)
     for h in hooks:
         h.remove()

@@ -225,7 +225,6 @@ def make_dialogue(seed: int, max_shapes: int = MAX_SHAPES) -> Dialogue:
     kinds = [q for q in FIRST_TURN if _subjects(scene, q)]
     qtype = rng.choices(kinds, weights=[FIRST_TURN[q] for q in kinds])[0]
     first = next(t for b in blocks for t in b if t[0] == qtype)
-    blocks[3] = [t for t in blocks[3] if t is not first]
     blocks[3] = [t for i, t in enumerate(blocks[3])                 # at most one of each (none if it came first)
                  if t[0] != first[0] and all(u[0] != t[0] for u in blocks[3][:i])]
     turns = [first] + [t for b in blocks for t in b if t is not first]

@@ -52,9 +52,11 @@ def select_canvas(width: int, height: int, candidate_resolutions: Optional[Seque
 
 def image_token_count(width_tiles: int, height_tiles: int, image_size: int = 384, patch_size: int = 14,
                       downsample_ratio: int = 2) -> int:
-    """N = h·(w+1) + 1 + (h·th)·(w·tw + 1) image-token positions for one image with tw × th local tiles."""
-    h = w = token_grid(image_size, patch_size, downsample_ratio)
-    return h * (w + 1) + 1 + (h * height_tiles) * (w * width_tiles + 1)
+    """Image-token positions for one image with tw × th local tiles: the model's layout
+    (:func:`vl2lab.model.vision.image_token_count`) at this geometry's grid of h tokens per tile side."""
+    from .model.vision import image_token_count as layout_tokens
+
+    return layout_tokens(width_tiles, height_tiles, token_grid(image_size, patch_size, downsample_ratio))
 
 
 def token_grid(image_size: int = 384, patch_size: int = 14, downsample_ratio: int = 2) -> int:
