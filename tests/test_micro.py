@@ -76,7 +76,6 @@ def test_answers_fixed_colour_and_count_questions(micro):
     assert right >= 12, list(zip([e.answer for e in ex], pred))
 
 
-
 def test_predict_moves_inputs_to_the_models_device_and_dtype():
     """On a GPU the processor's CPU tensors must follow the model (the eval ranks of ``ddp.shard_eval``)."""
     model, processor = checkpoint.load_pretrained("vl2-micro", dtype=torch.bfloat16)
