@@ -256,9 +256,11 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
           warmup: int = 50, min_lr_ratio: float = 0.05, weight_decay: float = 0.0, grad_clip: float = 1.0,
           n_train: int = 100_000, seed: int = 0, save_every: int = 100, resume: bool = False,
           stop_at: Optional[int] = None, log_every: int = 10, curriculum=CURRICULUM,
-          qtype_weights: Optional[dict] = None, vision_lr_mult: float = VISION_LR_MULT) -> dict:
+          qtype_weights: Optional[dict] = None, vision_lr_mult: float = VISION_LR_MULT, tower: str = "") -> dict:
     """Rank function (``vl2lab.run("vl2lab.ddp:train", world_size=W, out=...)``): train ``config`` on the shapes
     task for ``steps`` steps of W·``batch_size`` examples; checkpoint every ``save_every`` steps and at the end.
+    ``tower``: a pre-trained vision tower (:mod:`vl2lab.tower_pretrain`) to start from; ``vision_lr_mult=0``
+    freezes the tower (no gradient, no all-reduce for it), as DeepSeek-VL2's first stage does.
     ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). Returns (every rank)
     the loss history, the measured all-reduce bytes per step and timings."""
     from .model.vl2 import build_model
@@ -280,15 +282,22 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
     args = dict(seed=seed, n_train=n_train, batch_size=batch_size, world_size=world, steps=steps, lr=lr,
                 warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
                 curriculum=curriculum, qtype_weights=dict(QTYPE_WEIGHTS if qtype_weights is None else qtype_weights),
-                vision_lr_mult=float(vision_lr_mult))
+                vision_lr_mult=float(vision_lr_mult), tower=os.path.abspath(tower) if tower else "")
     os.makedirs(out, exist_ok=True)
     processor = task_processor(os.path.join(out, "tokenizer"), vocab_size=cfg.language_config.vocab_size,
                                patch_size=cfg.vision_config.patch_size)
     torch.manual_seed(seed)
     model = build_model(cfg, seed=seed, device=vdist.device()).train()
-    vision = [p for n, p in model.named_parameters() if n.startswith("vision.")]
+    if tower:
+        from .tower_pretrain import load_tower
+        load_tower(model, tower)
+    if vision_lr_mult < 0:
+        raise TrainingError(f"vision_lr_mult={vision_lr_mult} must be ≥ 0 (0 freezes the vision tower)")
+    if vision_lr_mult == 0:
+        model.vision.requires_grad_(False)
+    vision = [p for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
-    groups = [{"params": rest, "lr_mult": 1.0}, {"params": vision, "lr_mult": float(vision_lr_mult)}]
+    groups = [{"params": rest, "lr_mult": 1.0}] + ([{"params": vision, "lr_mult": float(vision_lr_mult)}] if vision else [])
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     start, history = 0, []
     if resume:

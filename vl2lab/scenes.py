@@ -83,18 +83,16 @@ class Scene:
         im = Image.new("RGB", (self.width, self.height), BACKGROUND)
         d = ImageDraw.Draw(im)
         for s in self.shapes:
-            x1, y1, x2, y2 = s.box
-            c = COLOURS[s.colour]
-            if s.kind == "square":
-                d.rectangle([x1, y1, x2 - 1, y2 - 1], fill=c)
-            elif s.kind == "circle":
-                d.ellipse([x1, y1, x2 - 1, y2 - 1], fill=c)
-            elif s.kind == "triangle":
-                d.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=c)
-            else:                                                   # cross: two bars of a third of the side
-                t = (x2 - x1) / 3
-                d.rectangle([x1 + t, y1, x2 - t - 1, y2 - 1], fill=c)
-                d.rectangle([x1, y1 + t, x2 - 1, y2 - t - 1], fill=c)
+            _draw(d, s, COLOURS[s.colour])
+        return im
+
+    def kind_map(self) -> Image.Image:
+        """The scene as a label image (mode "L"): 0 on the background, 1 + ``SHAPES.index(kind)`` on each shape's
+        pixels — the dense target of the tower's pre-training (:mod:`vl2lab.tower_pretrain`)."""
+        im = Image.new("L", (self.width, self.height), 0)
+        d = ImageDraw.Draw(im)
+        for s in self.shapes:
+            _draw(d, s, 1 + SHAPES.index(s.kind))
         return im
 
     def grid_box(self, shape: Shape) -> list:
@@ -102,6 +100,21 @@ class Scene:
         x1, y1, x2, y2 = shape.box
         W, H = self.width, self.height
         return [round(x1 / W * 999), round(y1 / H * 999), round(x2 / W * 999), round(y2 / H * 999)]
+
+
+def _draw(d: ImageDraw.ImageDraw, s: Shape, fill) -> None:
+    """Fill ``s``'s silhouette with ``fill`` (an RGB colour or a label value)."""
+    x1, y1, x2, y2 = s.box
+    if s.kind == "square":
+        d.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif s.kind == "circle":
+        d.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif s.kind == "triangle":
+        d.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
+    else:                                                           # cross: two bars of a third of the side
+        t = (x2 - x1) / 3
+        d.rectangle([x1 + t, y1, x2 - t - 1, y2 - 1], fill=fill)
+        d.rectangle([x1, y1 + t, x2 - 1, y2 - t - 1], fill=fill)
 
 
 def make_scene(seed: int, min_shapes: int = 1, max_shapes: int = MAX_SHAPES) -> Scene:
