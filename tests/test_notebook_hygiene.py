@@ -1,6 +1,7 @@
 """Every notebook has the workbook's shape, and its stored outputs are a clean, in-order, CPU-default run."""
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXEMPT_SECTIONS = ("summary", "exercises", "goals", "prerequisites", "what you will learn")
+PACKAGE = ROOT / "vl2lab"
+MODULES = sorted(p for p in [*PACKAGE.glob("*.py"), *(PACKAGE / "model").glob("*.py")]
+                 if p.name not in ("__init__.py", "__main__.py", "_worker.py"))
 
 
 def _cells(path):
@@ -87,3 +91,43 @@ def test_environment_yml_matches_requirements():
             if l.strip() and not l.startswith("#")]
     assert sorted(pip) == sorted(reqs)
     assert "torch==2.13.0" in reqs, "torch pinned exactly (a range pulls a multi-GB CUDA build)"
+
+
+def _headings(number):
+    """Lower-cased heading lines (any level) of notebooks/NN_*.ipynb, or None if there is no such notebook."""
+    paths = sorted((ROOT / "notebooks").glob(f"{number}_*.ipynb"))
+    if not paths:
+        return None
+    return [line.lower() for c in _cells(paths[0]) if c["cell_type"] == "markdown"
+            for line in _src(c).splitlines() if line.startswith("#")]
+
+
+def _lessons(path):
+    """The `Lesson:` paragraphs of a module's docstrings (its own, then its classes' and functions'), one line each."""
+    tree = ast.parse(path.read_text())
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, defs)]
+    out = []
+    for node in nodes:
+        for para in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
+            if "Lesson:" in para:
+                out.append((node is tree, " ".join(para[para.index("Lesson:"):].split())))
+    return out
+
+
+def test_there_are_modules():
+    assert MODULES, "vl2lab/*.py missing"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_every_module_names_a_lesson_that_exists(path):
+    lessons = _lessons(path)
+    assert any(own for own, _ in lessons), "module docstring: a `Lesson: notebook NN, section \"...\"` line"
+    for _, text in lessons:
+        parts = re.split(r"\bnotebook (\d\d)\b", text)      # [before, NN, text, NN, text, ...]
+        for number, after in zip(parts[1::2], parts[2::2]):
+            heads = _headings(number)
+            assert heads is not None, f"{text!r}: no notebooks/{number}_*.ipynb"
+            for title in re.findall(r'"([^"]+)"', after):
+                assert any(title.lower() in h for h in heads), \
+                    f"{text!r}: notebook {number} has no section {title!r} (its headings: {heads})"

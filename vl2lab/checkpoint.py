@@ -1,6 +1,7 @@
 """Read and write DeepSeek-VL2 snapshot folders in the official layout (``config.json`` + safetensors shards).
 
-Lesson: notebook 01, section "Loading a snapshot without loading it twice".
+Lesson: notebook 01, section "1. Load the model", and notebook 04, section "9. Bad input and faults" (a checkpoint
+that does not match its config).
 
 The official checkpoint names the vision tower the timm way and stores each routed expert separately; vl2lab's
 modules use transformers' SigLIP names and fused 3-D expert tensors. Every module tensor is *one recipe* over

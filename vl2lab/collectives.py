@@ -1,6 +1,7 @@
 """What tensor parallelism pays in communication: timing all-reduce / all-gather, and bytes per token.
 
-Lesson: notebook 02 ("column and row parallel, the math"), section "what the communication costs".
+Lesson: notebook 02, sections "4. What the collectives cost per token" and
+"6. Collective time against message size".
 
 Ring algorithms, S bytes over n ranks (each rank sends as much as it receives):
 

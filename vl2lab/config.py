@@ -21,7 +21,7 @@ Presets:
 The random presets keep the real vision geometry (384 px, patch 14, a 27×27 grid), so token counts and tiling are
 the real ones; only widths and depths shrink.
 
-Lesson: notebook 01, section "The model in numbers".
+Lesson: notebook 01, section "1. Load the model".
 """
 from __future__ import annotations
 

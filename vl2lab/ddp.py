@@ -1,6 +1,8 @@
 """Data parallelism for real: DDP training of vl2-micro, sharded inference, and the checks that go with them.
 
-Lesson: notebook 04, "Data parallel training and inference".
+Lesson: notebook 03, sections "2. Data-parallel inference",
+"3. DDP training: N ranks × b equals one process with N·b", "4. A short training run",
+"5. DDP around an inference-only model" and "6. Bad input".
 
 **Training step** (each of W ranks holds a full replica; rank r sees its own b examples)::
 

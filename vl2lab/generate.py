@@ -9,7 +9,7 @@ its shard of the snapshot (:func:`vl2lab.shard_loader.load_sharded`), and all ra
 prints the answer and every rank's memory and timings. A preset name (random-tiny, ...) makes random weights
 first: the answer is then meaningless text.
 
-Lesson: notebook 04 (full 4-GPU deployment), section "Deploying from the command line".
+Lesson: notebook 04 (full 4-GPU deployment), sections "2. Run it on 4 ranks" and "8. Beyond one machine".
 """
 from __future__ import annotations
 

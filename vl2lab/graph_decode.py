@@ -1,6 +1,6 @@
 """Decoding without the host: a static decode step, captured once as a CUDA graph and replayed per token.
 
-Lesson: notebook 05, section "Static cache and CUDA graphs".
+Lesson: notebook 05, sections "2. The ladder, run here" (rung 5) and "3. The ladder on one H200".
 
 Eager decoding pays for every kernel launch from Python, and a DeepSeek-VL2 step launches hundreds of small
 kernels (12–30 layers × norm, rope, projections, router, experts, cache write …) whose work at batch 1 is a few

@@ -2,7 +2,7 @@
 data-parallel replicas (in DistributedDataParallel, as the source article wraps them), and the official layer
 split (consecutive decoder layers per rank).
 
-Lesson: notebook 04, section "Three ways to use four devices", and notebook 05, section "Tensor parallelism or
+Lesson: notebook 04, section "6. Three ways to use 4 devices", and notebook 05, section "7. Tensor parallelism or
 data-parallel replicas, for throughput".
 """
 from __future__ import annotations

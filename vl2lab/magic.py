@@ -12,7 +12,7 @@ the cell prints the per-rank summary. The cell's source travels as text (nothing
 ``torch``, ``dist`` (torch.distributed), ``device`` and the pushed variables (sent with torch.save).
 A failing rank raises the same ``RankFailedError`` as ``vl2lab.launch.run``.
 
-Lesson: notebook 00, section 3 ("The same, as a cell: %%torchrun").
+Lesson: notebook 00, section "3. The same, as a cell: `%%torchrun`".
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Tensor-parallel layers: Megatron's f/g operators, column and row parallel Linear, vocab-parallel
 embedding and LM head.
 
-Lesson: notebook 02 ("column and row parallel, the math").
+Lesson: notebook 02, sections "1. Two ways to split a linear layer",
+"2. Both splits on N ranks, checked against the dense layer" and "3. Column → row: one all-reduce per block".
 
 A Linear layer computes Y = X W^T with W of shape [out, in] (nn.Linear's layout). Two ways to split it
 over N ranks:

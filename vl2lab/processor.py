@@ -18,7 +18,7 @@ rows for missing images. A batch without any image gets ``images`` [B, 0, 3, 384
 [B, 0, 2] (the official code makes one dummy zero tile instead; an empty tensor means "no vision work" without a
 special case, and ``images_spatial_crop.sum() == 0`` still holds).
 
-Lesson: notebook 01, section "From pixels to image tokens" (tiling, the chat template, the batch).
+Lesson: notebook 01, section "2. What the processor does to a picture" (tiling, the chat template, the batch).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A synthetic visual task whose answers can be checked by eye: coloured shapes on a plain background.
 
-Lesson: notebook 04, section "A model small enough to train here" (the task vl2-micro learns).
+Lesson: notebook 03, section "1. The task and the model" (the task vl2-micro learns).
 
 A *scene* is fully determined by its integer seed (``random.Random(seed)``, the same on every platform): an image
 size (mostly 384×384 = one tile: 421 image tokens with 14-pixel patches, 145 with vl2-micro's 24-pixel ones;

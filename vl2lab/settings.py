@@ -13,7 +13,7 @@ summary with no times or paths — a line nbval can compare.
 The kernel never initialises CUDA: the GPUs are counted with ``nvidia-smi -L`` (a separate process), and the
 ranks — fresh processes started by :mod:`vl2lab.launch` — are the only ones that touch a device.
 
-Lesson: notebook 00, section "Parameters and the resolve cell".
+Lesson: notebook 00, section "Parameters" (the parameters cell and the resolve cell).
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ including the SigLIP ``attn_pool`` head that is never called; ``activated`` = to
 experts (the published 1.0B / 2.8B / 4.5B are these values truncated to 0.1B). ``total_instantiated`` is what
 vl2lab builds: no attn_pool, and the noaux_tc ``e_score_correction_bias`` is a buffer, not a parameter.
 
-Lesson: notebook 01, section "The model in numbers" (counts, bytes, KV cache); notebook 02 and the layout
-planner (per-rank bytes, legal TP sizes).
+Lesson: notebook 01, sections "1. Load the model" (counts), "4. Where time and memory go" (bytes, KV cache) and
+"5. Will it fit? The planner"; notebook 04, sections "1. What each rank holds" (legal TP sizes) and
+"4. Memory per rank against the planner" (per-rank bytes).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Tokens per image (h = w = ⌈(384 // 14) / 2⌉ = 14 after the 2×2 downsample o
 
 = 421 for one tile, 1023 for 2×2, 2017 for 3×3, 2101 for the 1×9 worst case.
 
-Lesson: notebook 01, section "From pixels to image tokens".
+Lesson: notebook 01, section "2. What the processor does to a picture".
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ real snapshot (tiny: ``<image>`` = 128815, small: 100003) goes through the same 
 ``add_eos_token: false`` (plain ``tokenizer(text)`` prepends BOS), pad = ``<｜▁pad▁｜>``. The processor does not rely
 on them: it encodes with ``add_special_tokens=False`` and adds BOS itself, as the official processor does.
 
-Lesson: notebook 01, section "From pixels to image tokens" (the token side).
+Lesson: notebook 01, section "2. What the processor does to a picture" (the token side).
 """
 from __future__ import annotations
 

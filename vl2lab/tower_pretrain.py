@@ -1,6 +1,7 @@
 """Stage 0 of vl2-micro: pre-train the SigLIP tower to see shape kinds, before the language model ever runs.
 
-Lesson: notebook 04, section "A model small enough to train here" (why vl2-micro trains in two stages).
+Lesson: notebook 03, section "1. The task and the model" (vl2-micro, which ``vl2lab.train_micro`` builds in two
+stages; this is the first).
 
 DeepSeek-VL2 never trains its vision tower from nothing: it starts from a pre-trained SigLIP and keeps it frozen
 while the adaptor learns to feed the language model (its first training stage). vl2-micro does the same at its

@@ -2,7 +2,7 @@
 
     python -m vl2lab.train_micro --out vl2lab/assets/vl2-micro [--world-size 2] [--tower-steps 2000] [--steps 900]
 
-Lesson: notebook 04, section "A model small enough to train here".
+Lesson: notebook 03, sections "1. The task and the model" and "4. A short training run".
 
 0. ``vl2lab.run("vl2lab.tower_pretrain:pretrain_tower", world_size=W, ...)``: the SigLIP tower alone learns to
    label every patch with the kind of shape under it (2000 steps of 2×4 scenes; ``--tower-steps 0`` skips this

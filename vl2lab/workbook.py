@@ -12,7 +12,7 @@ duration). A profile file maps ``all`` and each notebook's stem to papermill par
 defaults (no injected-parameters cell), so that their stored outputs — nbval's reference — come from a real
 CPU-default run. Widget state is dropped and the kernelspec normalised to ``python3``.
 
-Lesson: notebook 00, section "Running the workbook".
+Lesson: notebook 00, section "Parameters" (papermill parameters and profile files).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Attention of the DeepSeek-VL2 language model: RMSNorm, RoPE, the KV cache, MHA (tiny) and MLA (small, base).
 
-Lesson: notebook 01, section "The language model" (MHA vs MLA, and what the KV cache holds).
+Lesson: notebook 01, sections "1. Load the model" (MHA vs MLA) and "4. Where time and memory go"
+(what the KV cache holds).
 
 RoPE rotates pairs of channels by the angle p·θ_i, θ_i = theta^(-2i/d) (i < d/2), p the token's position::
 

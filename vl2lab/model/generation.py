@@ -1,6 +1,6 @@
 """Batched generation with a KV cache: greedy, or sampled with temperature and nucleus (top-p).
 
-Lesson: notebook 01, section "Generating text" (prefill once, then one token per step from the cache).
+Lesson: notebook 01, section "3. Ask questions" (prefill once, then one token per step from the cache).
 
 Prefill runs the prompt embeddings [B, T, H] once (so image features can already be in them) and fills the
 cache; each decode step then feeds the B tokens just chosen and extends the padding mask by one column, so the

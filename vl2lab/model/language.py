@@ -1,6 +1,6 @@
 """The DeepSeek-VL2 language model (DeepSeekMoE decoder): embeddings, decoder layers, final norm, LM head.
 
-Lesson: notebook 01, section "The language model".
+Lesson: notebook 01, section "1. Load the model" (the DeepSeekMoE decoder).
 
 For hidden states x [B, T, H]::
 

@@ -1,6 +1,7 @@
 """DeepSeekMoE feed-forward: the SwiGLU MLP, the router, the routed experts and the MoE layer.
 
-Lesson: notebook 01, section "Mixture of experts" (routing, and why a grouped matmul beats a loop over experts).
+Lesson: notebook 01, section "1. Load the model" (routed and shared experts), and notebook 05, sections
+"2. The ladder, run here" and "3. The ladder on one H200" (why a grouped matmul beats a loop over experts).
 
 For a token x (N tokens, E routed experts, top-k of them per token)::
 

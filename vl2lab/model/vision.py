@@ -1,6 +1,6 @@
 """The vision side of DeepSeek-VL2: SigLIP tower, 2×2 downsample + MLP projector, and the 2-D tile layout.
 
-Lesson: notebook 01, "From pixels to image tokens".
+Lesson: notebook 01, sections "1. Load the model" and "2. What the processor does to a picture".
 
 1. **Tower.** Each 384×384 tile goes through a SigLIP-SO400M/14 ViT (transformers' ``SiglipVisionModel``, no pooling
    head): a 14×14 patch conv gives a 27×27 grid (729 tokens; the last 6 pixel rows/columns are never seen), learned

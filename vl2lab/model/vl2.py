@@ -1,6 +1,7 @@
 """The whole DeepSeek-VL2: vision tower → projector → 2-D layout → scatter into the text embeddings → MoE LM.
 
-Lesson: notebook 01, "One forward pass, end to end".
+Lesson: notebook 01, sections "1. Load the model" (the three parts in a row) and "4. Where time and memory go"
+(stage by stage).
 
 For a batch of prompts (left-padded), with T positions and D = LM hidden::
 
