@@ -55,6 +55,18 @@ def rank_suite(root: str) -> dict:
         "settings": _error(ddp.train, out=a, resume=True, **{**common, "batch_size": 2}),
         "few_samples": _error(ddp.train, out=os.path.join(root, "c"), n_train=1, **common),
     }
+    from vl2lab.tower_pretrain import pretrain_tower
+    stage0 = pretrain_tower(os.path.join(root, "t"), steps=2, batch_size=1, log_every=1, eval_n=2)
+    frozen = ddp.train(os.path.join(root, "f"), tower=stage0["path"], vision_lr_mult=0.0, **common)
+    errors["no_tower"] = _error(ddp.train, out=os.path.join(root, "g"), tower=os.path.join(root, "none.safetensors"),
+                                **common)
+    from safetensors.torch import load_file
+    tower_w = load_file(stage0["path"])
+    wf = load_pretrained(os.path.join(root, "f", "checkpoint"))[0].state_dict()
+    frozen["tower_unchanged"] = all(torch.equal(wf["vision." + k], v) for k, v in tower_w.items())
+    from vl2lab.model.vl2 import build_model
+    init = build_model(ddp._config("vl2-micro"), seed=0).vision.state_dict()
+    frozen["tower_differs_from_init"] = any(not torch.equal(init[k], v) for k, v in tower_w.items())
     grads = ddp.grad_equivalence_check(batch_size=1, tokenizer_dir=os.path.join(a, "tokenizer"))
     model_path = os.path.join(a, "checkpoint")
     sharded = ddp.shard_eval(model_path, n=5, batch_size=1)
@@ -67,7 +79,7 @@ def rank_suite(root: str) -> dict:
     return {"full": full, "part": part, "rest": rest, "max_weight_diff": max(float((wa[k] - wb[k]).abs().max())
                                                                             for k in wa),
             "errors": errors, "grads": grads, "sharded": sharded, "single": single, "overhead": overhead,
-            "computed_bytes": computed}
+            "computed_bytes": computed, "stage0": stage0, "frozen": frozen}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +124,16 @@ def test_ddp_around_inference_adds_cost_not_value(suite):
         o = r["overhead"]
         assert o["max_abs_diff"] == 0.0
         assert o["wrap_s"] > 0 and o["param_bytes_broadcast"] == o["bucket_bytes"] > 0
+
+
+def test_stage0_tower_is_loaded_and_stays_frozen(suite):
+    """Stage 0 writes a tower that ``train(tower=..., vision_lr_mult=0)`` starts from and never changes; the
+    frozen tower's gradients are not all-reduced."""
+    r = suite[0]
+    assert len(r["stage0"]["history"]) == 2 and 0.0 <= r["stage0"]["evals"][-1]["shape_patch_accuracy"] <= 1.0
+    assert r["frozen"]["tower_unchanged"] and r["frozen"]["tower_differs_from_init"]
+    assert r["frozen"]["allreduce_bytes_per_step"] < r["full"]["allreduce_bytes_per_step"]
+    assert "no pre-trained tower at" in r["errors"]["no_tower"] and "stage 0" in r["errors"]["no_tower"]
 
 
 def test_bad_inputs_give_one_clear_error(suite):
