@@ -86,15 +86,18 @@ def test_dialogue_asks_about_each_shape_once_with_one_image():
         conv = d.conversation()
         n = len(d.scene.shapes)
         qtypes = [q for q, _, _ in d.turns]
-        assert len(d.turns) == n + 3 + (n >= 2)     # count, shapes, a colour per shape, left_of?, ground
+        assert len(d.turns) == n + 4 + (n >= 2)     # count, shapes, a colour per shape, describe, left_of?, ground
         assert qtypes.count("colour") == n
         assert qtypes.count("ground") == 1 and qtypes.count("left_of") == (n >= 2)
         assert sum("<image>" in t["content"] for t in conv) == 1 and conv[0]["content"].startswith("<image>\n")
         assert [t["role"] for t in conv] == ["<|User|>", "<|Assistant|>"] * len(d.turns)
         order = qtypes[1:]
         firsts = [i for i, q in enumerate(order) if q in ("count", "colour")]
-        later = [i for i, q in enumerate(order) if q in ("left_of", "ground")]
+        later = [i for i, q in enumerate(order) if q in ("describe", "left_of", "ground")]
         assert all(i > j for i in later for j in firsts)                 # no colour can be copied
+        describe = next(a for q, _, a in d.turns if q == "describe")    # each kind, then its colour, SHAPES order
+        by_kind = sorted(d.scene.shapes, key=lambda s: scenes.SHAPES.index(s.kind))
+        assert describe == ", ".join(f"{s.kind} {s.colour}" for s in by_kind)
     kinds = {d.turns[0][0] for d in map(scenes.make_dialogue, range(40))}
     assert {"colour", "count"} <= kinds                                   # eval-like first turns
 

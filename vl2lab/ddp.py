@@ -47,7 +47,7 @@ RESUME_KEYS = ("seed", "n_train", "batch_size", "world_size", "steps", "lr", "wa
                "weight_decay", "grad_clip", "curriculum", "qtype_weights", "vision_lr_mult")
 CURRICULUM = ((0.0, 1), (0.1, 2), (0.25, 3))  # (from this fraction of the steps, scenes of at most k shapes)
 # loss weight of each answer by question type: colour and count first, the hard left-of and grounding answers less
-QTYPE_WEIGHTS = {"colour": 2.0, "count": 3.0, "shapes": 1.0, "left_of": 0.5, "ground": 0.5}
+QTYPE_WEIGHTS = {"colour": 2.0, "count": 3.0, "shapes": 1.0, "describe": 2.0, "left_of": 0.5, "ground": 0.5}
 VISION_LR_MULT = 3.0   # the vision tower's learning rate is this multiple of ``lr`` (it learns from scratch too)
 
 

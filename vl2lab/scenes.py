@@ -19,6 +19,9 @@ left_of    Which shape is just left of the blue circle?    ``red square`` (neare
 ground     ``<|ref|>red square<|/ref|>.``                  ``<|ref|>red square<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>``
 =========  ==============================================  =============================================
 
+Training dialogues (:func:`make_dialogue`) add two turns that eval never asks (``TRAIN_ONLY``): "Which shapes are
+there?" → ``circle, cross`` and "Describe the shapes." → ``circle red, cross blue`` (each kind, then its colour).
+
 Boxes are on the official 0–999 grid: v = round(pixel / W · 999) (x) or / H (y), the inverse of
 ``processor.parse_grounding``. Splits: example i of ``train`` has seed i, of ``eval`` seed ``EVAL_OFFSET + i``
 (disjoint for any i < EVAL_OFFSET); its question type is ``QTYPES[i % 4]``.
@@ -44,7 +47,12 @@ __all__ = ["COLOURS", "SHAPES", "QTYPES", "IMAGE_SIZES", "EVAL_OFFSET", "Shape",
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 20)}
 SHAPES = ("square", "circle", "triangle", "cross")
 QTYPES = ("colour", "count", "left_of", "ground")
-TRAIN_ONLY = ("shapes",)   # "Which shapes are there?" → "square, cross" (SHAPES order): a direct signal for the kinds
+# Training-only turns: "Which shapes are there?" → "square, cross" (SHAPES order), a direct signal for the kinds;
+# "Describe the shapes." → "square red, cross blue" (SHAPES order, each kind *then* its colour), so the colour is
+# predicted at the position of its kind's token: the lookup "colour of the shape of this kind" is learnt there in one
+# attention step, and "What colour is the cross?" can then use it (without this turn vl2-micro learns only to name
+# some colour of the picture, not the asked shape's).
+TRAIN_ONLY = ("shapes", "describe")
 SIZE_RANGE = (0.28, 0.40)  # shape side as a fraction of the image's shorter side
 MAX_SHAPES = 3             # a scene holds 1–3 shapes (of the four kinds)
 # (width, height, weight): mostly one tile; the others give 2×1, 1×2 and 2×2 tilings (617, 631, 1023 tokens with
@@ -174,6 +182,9 @@ def _qa(scene: Scene, qtype: str, shape: Optional[Shape] = None) -> tuple:
     if qtype == "shapes":
         kinds = {s.kind for s in scene.shapes}
         return "Which shapes are there?", ", ".join(k for k in SHAPES if k in kinds), None
+    if qtype == "describe":
+        by_kind = sorted(scene.shapes, key=lambda s: SHAPES.index(s.kind))
+        return "Describe the shapes.", ", ".join(f"{s.kind} {s.colour}" for s in by_kind), None
     if qtype == "left_of":
         by_x = sorted(scene.shapes, key=lambda s: s.cx)
         left = by_x[by_x.index(shape) - 1]
@@ -184,7 +195,7 @@ def _qa(scene: Scene, qtype: str, shape: Optional[Shape] = None) -> tuple:
 
 def _subjects(scene: Scene, qtype: str) -> list:
     """The shapes a question of ``qtype`` can be about (left_of: every shape with a neighbour on its left)."""
-    if qtype in ("count", "shapes"):
+    if qtype in ("count", "shapes", "describe"):
         return [None]
     if qtype == "left_of":
         return sorted(scene.shapes, key=lambda s: s.cx)[1:]
@@ -224,22 +235,23 @@ class Dialogue:
 
 
 def make_dialogue(seed: int, max_shapes: int = MAX_SHAPES) -> Dialogue:
-    """The questions about the scene of ``seed``: count, which shapes, the colour of every shape, one left_of and
-    one ground question (the long box answers would otherwise fill most of the sequence). Order (seeded): first
-    one question drawn with ``FIRST_TURN`` odds (the turn that looks exactly like an eval prompt: image, then the
-    question), then count, shapes, the colours, then left_of and ground shuffled — so no answer can be read off an
-    earlier turn (a colour named by a left_of or ground turn, the number of colour questions)."""
+    """The questions about the scene of ``seed``: count, which shapes, the colour of every shape, a description
+    (each kind and its colour), one left_of and one ground question (the long box answers would otherwise fill most
+    of the sequence). Order (seeded): first one question drawn with ``FIRST_TURN`` odds (the turn that looks exactly
+    like an eval prompt: image, then the question), then count, shapes, the colours, the description, then left_of
+    and ground shuffled — so no colour answer can be read off an earlier turn (a colour named by the description, a
+    left_of or a ground turn, the number of colour questions)."""
     scene = make_scene(seed, max_shapes=max_shapes)
     rng = random.Random(int(seed) * 15485863 + 7)
     blocks = [[(q, *_qa(scene, q, s)[:2]) for q in qs for s in _subjects(scene, q)]
-              for qs in (("count",), ("shapes",), ("colour",), ("left_of", "ground"))]
+              for qs in (("count",), ("shapes",), ("colour",), ("describe",), ("left_of", "ground"))]
     for b in blocks:
         rng.shuffle(b)
     kinds = [q for q in FIRST_TURN if _subjects(scene, q)]
     qtype = rng.choices(kinds, weights=[FIRST_TURN[q] for q in kinds])[0]
     first = next(t for b in blocks for t in b if t[0] == qtype)
-    blocks[3] = [t for i, t in enumerate(blocks[3])                 # at most one of each (none if it came first)
-                 if t[0] != first[0] and all(u[0] != t[0] for u in blocks[3][:i])]
+    blocks[4] = [t for i, t in enumerate(blocks[4])                 # at most one of each (none if it came first)
+                 if t[0] != first[0] and all(u[0] != t[0] for u in blocks[4][:i])]
     turns = [first] + [t for b in blocks for t in b if t is not first]
     turns[0] = (first[0], "<image>\n" + first[1], first[2])
     return Dialogue(int(seed), scene, turns)
@@ -360,7 +372,7 @@ def answer_text(processor, ids) -> str:
     return processor.tokenizer.decode(ids, skip_special_tokens=False).strip()
 
 
-MAX_NEW_TOKENS = {"colour": 4, "count": 3, "left_of": 6, "ground": 40, "shapes": 16}
+MAX_NEW_TOKENS = {"colour": 4, "count": 3, "left_of": 6, "ground": 40, "shapes": 16, "describe": 24}
 
 
 def predict(model, processor, examples: Sequence[Example], batch_size: int = 8) -> list:

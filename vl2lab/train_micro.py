@@ -74,8 +74,8 @@ Made by `{report['command']}` on {report['machine']}, in {tr['wall_s'] / 60:.1f}
 
 {stage0}
 1. The whole VL2 on the task, {tr['world_size']} ranks (DDP), {tr['steps']} steps of {tr['world_size']}×{tr['batch_size']} dialogues (one
-   scene of 1–3 shapes each; its count, which shapes, every shape's colour, one left-of and one grounding question
-   as a multi-turn chat), AdamW lr {tr['lr']} ({vision}; warm-up, cosine), curriculum (fraction of steps, most
+   scene of 1–3 shapes each; its count, which shapes, every shape's colour, a description — each kind then its
+   colour —, one left-of and one grounding question as a multi-turn chat), AdamW lr {tr['lr']} ({vision}; warm-up, cosine), curriculum (fraction of steps, most
    shapes) {tr['curriculum']}, answer weights per question type {tr['qtype_weights']}, seed {tr['seed']}
    ({tr['stage1_wall_s'] / 60:.1f} min).
 
