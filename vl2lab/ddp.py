@@ -277,6 +277,8 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
                             f"epoch, fewer than batch_size={batch_size}: not one full step; lower batch_size")
     if steps < 1 or (stop_at is not None and not 0 < stop_at <= steps):
         raise TrainingError(f"steps={steps} must be ≥ 1 and stop_at={stop_at} in [1, steps]")
+    if vision_lr_mult < 0:
+        raise TrainingError(f"vision_lr_mult={vision_lr_mult} must be ≥ 0 (0 freezes the vision tower)")
     cfg = _config(config)
     curriculum = [(float(f), int(k)) for f, k in curriculum]
     if not curriculum or curriculum[0][0] != 0.0:
@@ -293,8 +295,6 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
     if tower:
         from .tower_pretrain import load_tower
         load_tower(model, tower)
-    if vision_lr_mult < 0:
-        raise TrainingError(f"vision_lr_mult={vision_lr_mult} must be ≥ 0 (0 freezes the vision tower)")
     if vision_lr_mult == 0:
         model.vision.requires_grad_(False)
     vision = [p for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad]

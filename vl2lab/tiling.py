@@ -136,6 +136,13 @@ def normalize(image: Image.Image, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> 
     return x.sub(m).div(s)
 
 
+def global_view(image: Image.Image, image_size: int = 384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """An RGB image → its normalized global view [3, S, S] (tile 0 of :func:`image_tiles`): pad-resized onto
+    grey = int(mean · 255)."""
+    color = tuple(int(m * 255) for m in mean)  # (127, 127, 127)
+    return normalize(pad_resize(image, (image_size, image_size), color), mean, std)
+
+
 def image_tiles(image: Image.Image, cropping: bool = True, candidate_resolutions: Optional[Sequence] = None,
                 image_size: int = 384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
     """One image → (tiles [1 + tw·th, 3, 384, 384] ordered [global, row-major locals], (tw, th))."""
@@ -144,7 +151,7 @@ def image_tiles(image: Image.Image, cropping: bool = True, candidate_resolutions
     cw, ch = (select_canvas(image.width, image.height, candidate_resolutions) if cropping
               else (image_size, image_size))
     tw, th = cw // image_size, ch // image_size
-    glob = normalize(pad_resize(image, (image_size, image_size), color), mean, std)          # [3, 384, 384]
+    glob = global_view(image, image_size, mean, std)                                          # [3, 384, 384]
     local = glob if (cw, ch) == (image_size, image_size) else \
         normalize(pad_resize(image, (cw, ch), color), mean, std)                             # [3, ch, cw]
     local = (local.reshape(3, th, image_size, tw, image_size)                                # [3, th, S, tw, S]

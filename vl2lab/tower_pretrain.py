@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import dist as vdist
+from .model.vision import encode_tiles
+from .tiling import global_view
 
 __all__ = ["TOWER_FILE", "patch_labels", "global_views", "pretrain_tower", "load_tower"]
 
@@ -51,10 +53,8 @@ def patch_labels(scene, grid: int) -> torch.Tensor:
 
 
 def global_views(scenes_: list, image_size: int = 384) -> torch.Tensor:
-    """[N, 3, S, S]: the normalized global view of each scene (tile 0 of ``tiling.image_tiles``)."""
-    from .tiling import normalize, pad_resize
-
-    return torch.stack([normalize(pad_resize(s.render(), (image_size, image_size))) for s in scenes_])
+    """[N, 3, S, S]: the normalized global view of each scene (``tiling.global_view``, tile 0 of every image)."""
+    return torch.stack([global_view(s.render(), image_size) for s in scenes_])
 
 
 class _TowerWithHead(torch.nn.Module):
@@ -63,7 +63,6 @@ class _TowerWithHead(torch.nn.Module):
         self.tower, self.head = tower, torch.nn.Linear(width, n_classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from .model.vision import encode_tiles
         return self.head(encode_tiles(self.tower, pixels))         # [N, grid², n_classes]
 
 
@@ -74,11 +73,16 @@ def _batch(seeds, grid: int) -> tuple:
     return global_views(sc), torch.stack([patch_labels(s, grid) for s in sc])
 
 
-def shape_accuracy(model: torch.nn.Module, grid: int, n: int = 48) -> float:
-    """Patch accuracy on the cells that lie on a shape, over the first ``n`` eval-split scenes."""
+def eval_batch(grid: int, n: int = 48) -> tuple:
+    """(global views, patch labels) of the first ``n`` eval-split scenes."""
     from .scenes import EVAL_OFFSET
 
-    x, y = _batch(range(EVAL_OFFSET, EVAL_OFFSET + n), grid)
+    return _batch(range(EVAL_OFFSET, EVAL_OFFSET + n), grid)
+
+
+def shape_accuracy(model: torch.nn.Module, batch: tuple) -> float:
+    """Patch accuracy on the cells that lie on a shape, over an :func:`eval_batch`."""
+    x, y = batch
     with torch.no_grad():
         pred = model(x.to(vdist.device())).argmax(-1).cpu()
     on = y > 0
@@ -107,6 +111,7 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
     model = _TowerWithHead(tower, cfg.vision_config.width, 1 + len(SHAPES)).to(vdist.device()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98))
     net = _wrap(model) if world > 1 else model
+    held_out = eval_batch(grid, eval_n) if rank == 0 else None      # rendered once, scored every log_every steps
     history, evals, t0 = [], [], time.time()
     for step in range(steps):
         for g in opt.param_groups:
@@ -123,7 +128,7 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
         history.append({"step": step + 1, "loss": float(loss_t) / world, "time_s": time.time() - t0})
         if (step + 1) % log_every == 0 or step + 1 == steps:
             if rank == 0:
-                evals.append({"step": step + 1, "shape_patch_accuracy": shape_accuracy(model, grid, eval_n)})
+                evals.append({"step": step + 1, "shape_patch_accuracy": shape_accuracy(model, held_out)})
                 print(f"tower step {step + 1:5d}  loss {history[-1]['loss']:.4f}  eval shape-patch accuracy "
                       f"{evals[-1]['shape_patch_accuracy']:.1%}  {time.time() - t0:.0f} s", flush=True)
             vdist.barrier()
