@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 def tiny_snapshot(tmp_path_factory) -> str:
     """A complete random-tiny snapshot folder (config, one weight file, tokenizer, processor config). Read-only:
     tests that modify a snapshot copy it first."""
-    from vl2lab.checkpoint import make_random_snapshot
+    from vl2lab.weights.checkpoint import make_random_snapshot
 
     return make_random_snapshot(str(tmp_path_factory.mktemp("random-tiny")), "random-tiny", seed=0)
 
@@ -21,14 +21,14 @@ def tiny_snapshot(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_snapshot):
     """(model, processor) loaded from ``tiny_snapshot``; do not modify the model in place."""
-    from vl2lab.checkpoint import load_pretrained
+    from vl2lab.weights.checkpoint import load_pretrained
 
     return load_pretrained(tiny_snapshot)
 
 
 def make_picture(width: int, height: int, seed: int = 0):
     """A deterministic RGB test picture (the one the deployment checks use)."""
-    from vl2lab.deploy_checks import picture
+    from vl2lab.lessons.sharded_vs_dense import picture
     return picture(width, height, seed)
 
 

@@ -7,7 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from vl2lab import dist as vdist
+from vl2lab.parallel import groups as vdist
 
 
 def noop():

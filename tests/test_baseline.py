@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from vl2lab import baseline, sizing
-from vl2lab.config import get_config
+from vl2lab.lessons import baseline
+from vl2lab.planner import sizing
+from vl2lab.model.config import get_config
 from vl2lab.model import build_model
 from vl2lab.model.generation import chunked_prefill, generate
 
@@ -67,7 +68,7 @@ def test_chunked_prefill_all_logits_and_errors():
 
 def test_chunked_prefill_with_images(tiny_model):
     model, processor = tiny_model
-    from vl2lab.scenes import make_example
+    from vl2lab.train.scenes import make_example
     b = processor(conversation=make_example(5, "colour").conversation())
     embeds = model.prepare_inputs_embeds(b["input_ids"], b["images"], b["images_seq_mask"], b["images_spatial_crop"])
     want = model.generate(**b, max_new_tokens=4, do_sample=False)
@@ -178,7 +179,7 @@ def test_prefill_memory_in_process(tiny_snapshot):
 def test_plots_draw(tiny_model):
     import matplotlib.pyplot as plt
 
-    from vl2lab import plots
+    from vl2lab.workbook import plots
     _, processor = tiny_model
     im = baseline.sample_images(scene_seeds=())["logo2.png"]
     lay = baseline.token_layout(im.width, im.height)

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vl2lab.checkpoint import (CheckpointError, SnapshotReader, load_pretrained, make_random_snapshot,
+from vl2lab.weights.checkpoint import (CheckpointError, SnapshotReader, load_pretrained, make_random_snapshot,
                                module_tensor_from_official, official_shapes, official_sources, official_to_module,
                                save_pretrained)
-from vl2lab.config import ConfigError, get_config
+from vl2lab.model.config import ConfigError, get_config
 from vl2lab.model import build_model
 
 
@@ -57,7 +57,7 @@ def test_round_trip(preset, sharded, tmp_path):
 
 
 def test_full_snapshot_with_processor(tiny_snapshot, tiny_model):
-    from vl2lab.processor import VL2Processor
+    from vl2lab.inputs.processor import VL2Processor
 
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(
         os.listdir(tiny_snapshot))

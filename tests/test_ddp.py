@@ -1,4 +1,4 @@
-"""DDP training and sharded inference (vl2lab.ddp), and the shipped vl2-micro snapshot.
+"""DDP training and sharded inference (vl2lab.train.ddp), and the shipped vl2-micro snapshot.
 
 One launch at world size 2 runs every distributed check (a launch costs seconds of imports on a small machine):
 resume equals an uninterrupted run, W×b gradients equal one process on W·b, sharded answers equal single-process
@@ -19,7 +19,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from vl2lab import ddp, scenes  # noqa: E402
+from vl2lab.train import ddp, scenes  # noqa: E402
 
 ASSET = Path(__file__).resolve().parents[1] / "vl2lab" / "assets" / "vl2-micro"
 LONG = 600.0
@@ -35,9 +35,9 @@ def _error(fn, **kw) -> str:
 
 def rank_suite(root: str) -> dict:
     """Rank function: every distributed check of this file, in one launch."""
-    from vl2lab import dist as vdist
-    from vl2lab.checkpoint import load_pretrained
-    from vl2lab.config import published_config_dict
+    from vl2lab.parallel import groups as vdist
+    from vl2lab.weights.checkpoint import load_pretrained
+    from vl2lab.model.config import published_config_dict
 
     torch.set_num_threads(1)
     a, b = os.path.join(root, "a"), os.path.join(root, "b")
@@ -55,7 +55,7 @@ def rank_suite(root: str) -> dict:
         "settings": _error(ddp.train, out=a, resume=True, **{**common, "batch_size": 2}),
         "few_samples": _error(ddp.train, out=os.path.join(root, "c"), n_train=1, **common),
     }
-    from vl2lab.tower_pretrain import pretrain_tower
+    from vl2lab.train.tower import pretrain_tower
     stage0 = pretrain_tower(os.path.join(root, "t"), steps=2, batch_size=1, log_every=1, eval_n=2)
     frozen = ddp.train(os.path.join(root, "f"), tower=stage0["path"], vision_lr_mult=0.0, **common)
     errors["no_tower"] = _error(ddp.train, out=os.path.join(root, "g"), tower=os.path.join(root, "none.safetensors"),

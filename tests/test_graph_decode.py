@@ -1,10 +1,10 @@
-"""The static decode step (vl2lab.graph_decode) gives the tokens of the eager loop; the ladder and its report."""
+"""The static decode step (vl2lab.model.graph_decode) gives the tokens of the eager loop; the ladder and its report."""
 import json
 
 import pytest
 import torch
 
-from vl2lab.graph_decode import GraphDecoder, decoder_for
+from vl2lab.model.graph_decode import GraphDecoder, decoder_for
 from vl2lab.model.generation import generate
 from vl2lab.model.vl2 import build_model
 
@@ -55,8 +55,8 @@ def test_decoders_are_kept_per_shape(lm):
 
 
 def test_vl2_generate_decode_graph():
-    from vl2lab.checkpoint import project_processor
-    from vl2lab.scenes import make_scene
+    from vl2lab.weights.checkpoint import project_processor
+    from vl2lab.train.scenes import make_scene
 
     model = build_model("random-tiny", seed=2)
     proc = project_processor(model.config)
@@ -70,7 +70,8 @@ def test_vl2_generate_decode_graph():
 
 
 def test_ladder_runs_and_reports_on_cpu(tmp_path):
-    from vl2lab import ladder, ladder_report
+    from vl2lab.perf import ladder
+    from vl2lab.perf import report as ladder_report
 
     out = tmp_path / "ladder_random-tiny_1.json"
     res = ladder.run("random-tiny", "cpu", (1,), repeats=1, warmup=0, rungs=(1, 5), new_tokens=3, out=str(out),
@@ -84,25 +85,25 @@ def test_ladder_runs_and_reports_on_cpu(tmp_path):
 
 
 def test_recorded_h200_results_are_readable():
-    from vl2lab import ladder_report
+    from vl2lab.perf import report as ladder_report
 
     rec = {m: ladder_report.load(ladder_report.RESULTS_DIR, m) for m in ("deepseek-vl2-tiny", "deepseek-vl2-small")}
     tr = ladder_report.target_rows(rec)
     assert {r["model"] for r in tr} >= {"deepseek-vl2-tiny", "deepseek-vl2-small", "vision tower"}
     assert rec["deepseek-vl2-tiny"]["environment"]["gpu"] == "NVIDIA H200"
-    with pytest.raises(FileNotFoundError, match="python -m vl2lab.ladder"):
+    with pytest.raises(FileNotFoundError, match="python -m vl2lab.perf.ladder"):
         ladder_report.load(ladder_report.RESULTS_DIR, "deepseek-vl2")
 
 
 def test_tensor_parallel_and_replicas_give_the_same_tokens():
     """ladder.run_ranks on 2 gloo ranks: one TP model and two replicas answer alike, with the graph decoder."""
-    from vl2lab.config import get_config
-    from vl2lab.launch import run
+    from vl2lab.model.config import get_config
+    from vl2lab.launch.launcher import run
 
     hidden = get_config("random-small").language_config.hidden_size
     kw = dict(model="random-small", batch_sizes=(1,), decode="graph", repeats=1, warmup=0, new_tokens=3)
-    tp = run("vl2lab.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="tp", **kw).values
-    dp = run("vl2lab.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="dp", **kw).values
+    tp = run("vl2lab.perf.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="tp", **kw).values
+    dp = run("vl2lab.perf.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="dp", **kw).values
     assert tp[0]["runs"][0]["tokens"] == tp[1]["runs"][0]["tokens"] == dp[0]["runs"][0]["tokens"]
     assert tp[0]["all_reduce"]["sizes"] == [2 * hidden]                   # one bf16 row per sequence
     assert tp[0]["predicted_bytes"]["weights"] < dp[0]["predicted_bytes"]["weights"]

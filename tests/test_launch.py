@@ -1,4 +1,4 @@
-"""vl2lab.launch: values by rank, one clear error per failure, and no process left behind.
+"""vl2lab.launch.launcher: values by rank, one clear error per failure, and no process left behind.
 
 Each torchrun launch costs seconds of imports on a small CI machine, so this file keeps to nine
 launches (gloo, world sizes 1 and 2). Every test that launches checks with psutil that no recorded
@@ -26,8 +26,8 @@ if str(TESTS) not in sys.path:
 
 import launch_targets as T  # noqa: E402
 
-from vl2lab import launch  # noqa: E402
-from vl2lab.launch import RankFailedError, RankTimeoutError  # noqa: E402
+from vl2lab.launch import launcher as launch  # noqa: E402
+from vl2lab.launch.launcher import RankFailedError, RankTimeoutError  # noqa: E402
 
 LONG = 240.0  # launch timeout for tests that should succeed (a loaded 2-core machine is slow)
 
@@ -129,7 +129,7 @@ def test_print_command_for_several_nodes(capsys):
     out = capsys.readouterr().out
     for part in ("--nnodes 2", "--node-rank $NODE_RANK", "--rdzv-backend c10d",
                  "--rdzv-endpoint node0:29500", "--rdzv-id vl2lab-", "--nproc-per-node 4",
-                 "--max-restarts 0", "-m vl2lab._worker", "--target launch_targets:noop"):
+                 "--max-restarts 0", "-m vl2lab.launch.worker", "--target launch_targets:noop"):
         assert part in out
     assert "--standalone" not in out
     single = launch.torchrun_command("m:f", 2, "/tmp/x")
@@ -213,7 +213,7 @@ def test_keyboard_interrupt_stops_the_launch(tmp_path):
 _LAUNCHER = """
 import sys, threading, time
 sys.path[:0] = [{tests!r}, {repo!r}]
-from vl2lab import launch
+from vl2lab.launch import launcher as launch
 args = dict(world_size=2, backend="gloo", timeout=600, run_dir={run_dir!r})
 if {in_thread}:  # main thread ends at once: only the atexit hook stops the launch
     threading.Thread(target=launch.run, args=("launch_targets:hang",), kwargs=args, daemon=True).start()
@@ -251,7 +251,7 @@ def test_torchrun_cell_magic_pushes_and_pulls(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path / "runs"))
     shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "vl2lab.magic")
+    shell.run_line_magic("load_ext", "vl2lab.launch.magic")
     shell.user_ns["x"] = torch.tensor([10.0])
     cell = "a = torch.tensor([float(rank)]) + x\nb = (world_size, str(device), dist.get_rank())\n"
     shell.run_cell_magic("torchrun", f"-n 2 --backend gloo --timeout {LONG:g} --push x --pull a,b -o res",

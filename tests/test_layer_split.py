@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vl2lab.layer_split import LayerSplitError, layer_ranges
+from vl2lab.parallel.pipeline import LayerSplitError, layer_ranges
 
 
 def test_official_placements():
@@ -28,9 +28,9 @@ def test_bad_placements_say_what_to_do(n, world, sizes, words):
 
 
 def test_two_ranks_match_one_device():
-    from vl2lab.launch import run
+    from vl2lab.launch.launcher import run
 
-    res = run("vl2lab.layer_split:check_layer_split", world_size=2, backend="gloo", timeout=600.0,
+    res = run("vl2lab.parallel.pipeline:check_layer_split", world_size=2, backend="gloo", timeout=600.0,
               model="random-tiny", max_new_tokens=6)
     r0, r1 = res[0], res[1]
     assert r0["holds"]["layers"] == (0, 1) and r1["holds"]["layers"] == (1, 3)

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vl2lab import checkpoint, scenes
-from vl2lab.baseline import BaselineError, resolve_model
+from vl2lab.weights import checkpoint
+from vl2lab.train import scenes
+from vl2lab.lessons.baseline import BaselineError, resolve_model
 
 ASSET = Path(__file__).resolve().parents[1] / "vl2lab" / "assets" / "vl2-micro"
 pytestmark = pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(),
-                                reason="vl2-micro snapshot not built (python -m vl2lab.train_micro)")
+                                reason="vl2-micro snapshot not built (python -m vl2lab.train.micro)")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,11 @@ def test_found_by_name_and_small():
 
 def test_missing_snapshot_names_the_rebuild_command(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "MICRO_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(checkpoint.CheckpointError, match="python -m vl2lab.train_micro"):
+    with pytest.raises(checkpoint.CheckpointError, match="python -m vl2lab.train.micro"):
         checkpoint.load_pretrained("vl2-micro")
-    import vl2lab.baseline as baseline
+    import vl2lab.lessons.baseline as baseline
     monkeypatch.setattr(baseline, "MICRO_DIR", tmp_path / "nowhere")
-    with pytest.raises(BaselineError, match="python -m vl2lab.train_micro"):
+    with pytest.raises(BaselineError, match="python -m vl2lab.train.micro"):
         resolve_model("vl2-micro")
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from vl2lab.collectives import bus_factor, comm_bytes_per_token
-from vl2lab.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+from vl2lab.perf.collectives import bus_factor, comm_bytes_per_token
+from vl2lab.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                              shard_range, shard_tensor, split_sizes)
-from vl2lab.tp_checks import shard_table
+from vl2lab.lessons.tp_layers import shard_table
 
 LAUNCH_TIMEOUT = 180
 
@@ -78,10 +78,10 @@ def test_layers_without_process_group_equal_dense():
 @pytest.fixture(scope="module", params=[(1, "float32"), (2, "float64"), (4, "float32")],
                 ids=["ws1-fp32", "ws2-fp64", "ws4-fp32"])
 def layer_checks(request):
-    from vl2lab.launch import run
+    from vl2lab.launch.launcher import run
 
     ws, dtype = request.param
-    res = run("vl2lab.tp_checks:check_layers", world_size=ws, backend="gloo", timeout=LAUNCH_TIMEOUT,
+    res = run("vl2lab.lessons.tp_layers:check_layers", world_size=ws, backend="gloo", timeout=LAUNCH_TIMEOUT,
               dtype=dtype)
     return ws, [res[r] for r in range(ws)]
 
@@ -110,9 +110,9 @@ def test_copies_are_exact(layer_checks):
 
 
 def test_article_examples_on_2_ranks():
-    from vl2lab.launch import run
+    from vl2lab.launch.launcher import run
 
-    res = run("vl2lab.tp_checks:article_examples", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT)
+    res = run("vl2lab.lessons.tp_layers:article_examples", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT)
     for r in range(2):
         col, row = res[r]["column_allreduce"], res[r]["row_as_batch_split"]
         assert col["allreduce_shape"] == (4, 4) and not col["allreduce_shape_matches"]
@@ -124,9 +124,9 @@ def test_article_examples_on_2_ranks():
 
 
 def test_bench_collectives_returns_positive_numbers():
-    from vl2lab.launch import run
+    from vl2lab.launch.launcher import run
 
-    res = run("vl2lab.collectives:bench_collectives", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT,
+    res = run("vl2lab.perf.collectives:bench_collectives", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT,
               sizes_bytes=(1024, 65536), repeats=3, warmup=1)
     out = res[0]
     assert out["world_size"] == 2 and out["backend"] == "gloo"

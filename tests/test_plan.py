@@ -1,13 +1,13 @@
-"""The planner (vl2lab.plan): layouts and fits from the sizing maths, commands, article claims, CLI and panel."""
+"""The planner (vl2lab.planner.plan): layouts and fits from the sizing maths, commands, article claims, CLI and panel."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from vl2lab import sizing as S
+from vl2lab.planner import sizing as S
 from vl2lab.__main__ import main
-from vl2lab.plan import PlanError, article_claims, plan, show_planner
+from vl2lab.planner.plan import PlanError, article_claims, plan, show_planner
 
 VLLM_ARCH = '--hf-overrides \'{"architectures": ["DeepseekVLV2ForCausalLM"]}\''
 
@@ -65,7 +65,7 @@ def test_tiny_tp4_needs_uneven_heads_and_vllm_warns():
     assert (4, "tp") not in {(x["tp"], x["moe"]) for x in plan("tiny", n_gpus=4, uneven_heads=False).layouts}
     assert p.recommended["vllm_problem"] is None  # the pick (tp=1, dp=4) runs everywhere
     cmd = p.commands(t4)
-    assert "torchrun --standalone --nproc-per-node 4 -m vl2lab.generate" in cmd["vl2lab"][0]
+    assert "torchrun --standalone --nproc-per-node 4 -m vl2lab.serve.generate" in cmd["vl2lab"][0]
     assert cmd["vllm"][0].startswith("# WARNING: vLLM cannot shard deepseek-vl2-tiny with tensor-parallel size 4")
     assert "vLLM-legal layouts that fit: tp=1 ep=1 dp=4 moe=tp, tp=2 ep=1 dp=2 moe=tp" in cmd["vllm"][0]
     assert cmd["vllm"][1] == "# nearest vLLM layout, tp=1 ep=1 dp=4 moe=tp:"
@@ -107,7 +107,7 @@ def test_commands_carry_the_right_flags():
     two = plan("small", n_gpus=2, images_per_prompt=2, image_size="640x480", vision="dp").commands()
     run = [x for x in two["vl2lab"] if x.startswith("CUDA_VISIBLE_DEVICES=1 torchrun")][0]
     assert run.count("--image image.jpg") == 1 and "--vision dp" in run
-    assert any(x.startswith("# vl2lab.generate takes one --image; 2 images") for x in two["vl2lab"])
+    assert any(x.startswith("# vl2lab.serve.generate takes one --image; 2 images") for x in two["vl2lab"])
     assert "--image" not in plan("tiny", images_per_prompt=0).commands()["vl2lab"][-1]
     assert "multinode" not in two
 
@@ -192,7 +192,7 @@ def test_subcommand_table(capsys):
 
 def test_panel_headless_and_show_planner(capsys):
     pytest.importorskip("ipywidgets")
-    from vl2lab.plan import _report, panel
+    from vl2lab.planner.plan import _report, panel
 
     box = show_planner()
     out = capsys.readouterr().out

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from vl2lab.processor import ProcessorError, VL2Batch, VL2Processor, parse_grounding
-from vl2lab.tiling import image_layout, image_token_count, pad_resize, select_canvas, to_rgb
-from vl2lab.tokenizer import (ASSISTANT, BOS, EOS, IMAGE, PAD, SPECIAL_TOKENS, USER, TokenizerError,
+from vl2lab.inputs.processor import ProcessorError, VL2Batch, VL2Processor, parse_grounding
+from vl2lab.inputs.tiling import image_layout, image_token_count, pad_resize, select_canvas, to_rgb
+from vl2lab.inputs.tokenizer import (ASSISTANT, BOS, EOS, IMAGE, PAD, SPECIAL_TOKENS, USER, TokenizerError,
                               build_tokenizer, load_tokenizer)
 
 GREY = (127 / 255 - 0.5) / 0.5  # the padding colour after normalisation

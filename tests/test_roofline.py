@@ -1,11 +1,11 @@
-"""The floor maths of vl2lab.roofline against hand-computed values and the published anchors."""
+"""The floor maths of vl2lab.perf.roofline against hand-computed values and the published anchors."""
 import math
 
 import pytest
 
-from vl2lab import roofline
-from vl2lab.config import get_config
-from vl2lab.sizing import param_counts
+from vl2lab.perf import roofline
+from vl2lab.model.config import get_config
+from vl2lab.planner.sizing import param_counts
 
 
 def test_experts_touched_uniform_routing():

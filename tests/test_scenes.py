@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from vl2lab import scenes
-from vl2lab.processor import parse_grounding
+from vl2lab.train import scenes
+from vl2lab.inputs.processor import parse_grounding
 
 
 def _digest(im) -> str:

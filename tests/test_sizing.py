@@ -1,10 +1,10 @@
-"""Parameter, byte and layout maths of vl2lab.sizing against the published figures and the spec's tables."""
+"""Parameter, byte and layout maths of vl2lab.planner.sizing against the published figures and the spec's tables."""
 import math
 
 import pytest
 
-from vl2lab import sizing as S
-from vl2lab.config import PRESETS, REAL_PRESETS, get_config
+from vl2lab.planner import sizing as S
+from vl2lab.model.config import PRESETS, REAL_PRESETS, get_config
 
 TINY, SMALL, BASE = REAL_PRESETS
 RANDOM = [n for n in PRESETS if n not in REAL_PRESETS]
@@ -173,9 +173,9 @@ def test_random_tiny_uneven_heads_on_four_ranks():
 
 
 def test_image_tokens_from_processor():
-    processor = pytest.importorskip("vl2lab.processor", reason="vl2lab.processor is not written yet")
+    processor = pytest.importorskip("vl2lab.inputs.processor", reason="vl2lab.inputs.processor is not written yet")
     if not hasattr(processor, "image_token_count"):
-        pytest.skip("vl2lab.processor has no image_token_count yet")
+        pytest.skip("vl2lab.inputs.processor has no image_token_count yet")
     assert [S.image_tokens(w, h) for w, h in ((1, 1), (2, 2), (3, 3), (1, 9))] == [421, 1023, 2017, 2101]
 
 

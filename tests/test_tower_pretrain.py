@@ -1,4 +1,4 @@
-"""Stage 0 of vl2-micro (vl2lab.tower_pretrain): the dense patch labels and loading the pre-trained tower.
+"""Stage 0 of vl2-micro (vl2lab.train.tower): the dense patch labels and loading the pre-trained tower.
 
 The training itself runs in the world-size-2 launch of test_ddp.py."""
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vl2lab import scenes
-from vl2lab.checkpoint import CheckpointError
-from vl2lab.config import VL2Config, published_config_dict
+from vl2lab.train import scenes
+from vl2lab.weights.checkpoint import CheckpointError
+from vl2lab.model.config import VL2Config, published_config_dict
 from vl2lab.model.vl2 import build_model
-from vl2lab.tower_pretrain import global_views, load_tower, patch_labels
+from vl2lab.train.tower import global_views, load_tower, patch_labels
 
 
 def _scene(w, h, kind, box):

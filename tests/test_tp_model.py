@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from vl2lab.config import get_config
+from vl2lab.model.config import get_config
 
 LAUNCH_TIMEOUT = 600.0
 MAX_NEW = 8
@@ -26,7 +26,7 @@ CASES = [("random-tiny", "tp", "replicated"), ("random-tiny", "ep", "data_parall
 def snapshots(tmp_path_factory):
     """{label: snapshot folder}: the random presets (weights split over several files), and vl2-micro when the
     trained asset is present."""
-    from vl2lab.checkpoint import make_random_snapshot
+    from vl2lab.weights.checkpoint import make_random_snapshot
 
     out = {p: make_random_snapshot(str(tmp_path_factory.mktemp(p)), p, seed=0, max_shard_bytes=1 << 20)
            for p in dict.fromkeys(c[0] for c in CASES)}
@@ -47,7 +47,7 @@ def single_device(combos):
     """World size 1, in this process: the sharding code with no process group, and the dense reference."""
     import torch
 
-    from vl2lab.deploy_checks import compare_all
+    from vl2lab.lessons.sharded_vs_dense import compare_all
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # like each launched rank; several threads on a busy 2-core machine crawl
@@ -60,7 +60,7 @@ def single_device(combos):
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=["ws1", "ws2", "ws4"])
 def world(request, combos, single_device):
     """(world size, [each rank's check_world result]); world size 2 also runs the generate command."""
-    from vl2lab.launch import run
+    from vl2lab.launch.launcher import run
 
     ws = request.param
     if ws == 1:
@@ -68,7 +68,7 @@ def world(request, combos, single_device):
     extra = {"bad_heads": 3} if ws == 4 else {
         "generate_argv": ["--model", "random-tiny", "--prompt", "Say hello.", "--max-new-tokens", "4",
                           "--moe", "ep", "--vision", "dp"]}
-    res = run("vl2lab.deploy_checks:check_world", world_size=ws, backend="gloo", timeout=LAUNCH_TIMEOUT,
+    res = run("vl2lab.lessons.sharded_vs_dense:check_world", world_size=ws, backend="gloo", timeout=LAUNCH_TIMEOUT,
               combos=combos, reference=single_device["reference"], max_new_tokens=MAX_NEW, **extra)
     return ws, [res[r] for r in range(ws)]
 
@@ -160,7 +160,7 @@ def test_what_each_rank_holds_random_tiny_on_4(world, snapshots):
 
 
 def test_bad_world_size_is_one_clear_error(world):
-    from vl2lab.tp import ShardingError, check_plan
+    from vl2lab.parallel.shard import ShardingError, check_plan
 
     with pytest.raises(ShardingError, match=r"6 attention heads .* over 8 ranks; at most 6"):
         check_plan(get_config("random-tiny"), 8)
@@ -173,8 +173,8 @@ def test_bad_world_size_is_one_clear_error(world):
 
 
 def test_checkpoint_of_another_config_is_a_checkpoint_error(snapshots, tmp_path):
-    from vl2lab.checkpoint import CheckpointError
-    from vl2lab.shard_loader import load_sharded
+    from vl2lab.weights.checkpoint import CheckpointError
+    from vl2lab.parallel.load import load_sharded
 
     bad = tmp_path / "tiny-weights-small-config"
     shutil.copytree(snapshots["random-tiny"], bad)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_picture
-from vl2lab.config import get_config
+from vl2lab.model.config import get_config
 from vl2lab.model.vision import (Projector, build_vision_tower, encode_tiles, image_token_count,
                                  layout_image_features, space_to_depth)
 
@@ -54,7 +54,7 @@ def test_projector_layers_and_gelu():
 # ----------------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("tw,th,count", [(1, 1, 421), (2, 2, 1023), (3, 2, 1415), (1, 9, 2101), (2, 3, 1429)])
 def test_layout_counts_and_positions(tw, th, count):
-    from vl2lab.tiling import image_token_count as processor_count
+    from vl2lab.inputs.tiling import image_token_count as processor_count
 
     n = 1 + tw * th
     tiles = torch.zeros(n, 14, 14, 4)                                 # marker: (tile, row, col, 0)

@@ -2,22 +2,22 @@
 
 The top level stays light (ranks import it; transformers is loaded only when a model is):
 
-- ``vl2lab.run(fn, world_size=N, ...)``: run a function on N ranks through torchrun (:mod:`vl2lab.launch`).
+- ``vl2lab.run(fn, world_size=N, ...)``: run a function on N ranks through torchrun (:mod:`vl2lab.launch.launcher`).
 - ``vl2lab.load_pretrained(path)``: a DeepSeek-VL2 snapshot folder → ``(model, processor)``
-  (:mod:`vl2lab.checkpoint`).
-- ``vl2lab.get_config(name)``: a preset's configuration (:mod:`vl2lab.config`).
+  (:mod:`vl2lab.weights.checkpoint`).
+- ``vl2lab.get_config(name)``: a preset's configuration (:mod:`vl2lab.model.config`).
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run": ("vl2lab.launch", "run"),
-    "RankResults": ("vl2lab.launch", "RankResults"),
-    "RankFailedError": ("vl2lab.launch", "RankFailedError"),
-    "RankTimeoutError": ("vl2lab.launch", "RankTimeoutError"),
-    "load_pretrained": ("vl2lab.checkpoint", "load_pretrained"),
-    "save_pretrained": ("vl2lab.checkpoint", "save_pretrained"),
-    "get_config": ("vl2lab.config", "get_config"),
+    "run": ("vl2lab.launch.launcher", "run"),
+    "RankResults": ("vl2lab.launch.launcher", "RankResults"),
+    "RankFailedError": ("vl2lab.launch.launcher", "RankFailedError"),
+    "RankTimeoutError": ("vl2lab.launch.launcher", "RankTimeoutError"),
+    "load_pretrained": ("vl2lab.weights.checkpoint", "load_pretrained"),
+    "save_pretrained": ("vl2lab.weights.checkpoint", "save_pretrained"),
+    "get_config": ("vl2lab.model.config", "get_config"),
     "build_model": ("vl2lab.model", "build_model"),
 }
 
@@ -37,6 +37,6 @@ def __dir__():
 
 
 def load_ipython_extension(ipython):
-    """``%load_ext vl2lab`` registers the ``%%torchrun`` cell magic (same as ``%load_ext vl2lab.magic``)."""
-    from vl2lab.magic import load_ipython_extension as _load
+    """``%load_ext vl2lab`` registers the ``%%torchrun`` cell magic (same as ``%load_ext vl2lab.launch.magic``)."""
+    from vl2lab.launch.magic import load_ipython_extension as _load
     _load(ipython)

@@ -12,7 +12,7 @@ import sys
 
 # name: (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "plan": ("vl2lab.plan", "cli", "will DeepSeek-VL2 fit these GPUs, and how to split it (memory per GPU, "
+    "plan": ("vl2lab.planner.plan", "cli", "will DeepSeek-VL2 fit these GPUs, and how to split it (memory per GPU, "
                                    "layouts, launch commands)"),
 }
 

@@ -3,6 +3,6 @@ model (:mod:`.vl2`) and greedy/sampled decoding (:mod:`.generation`).
 
 Lesson: notebook 01 (the model, end to end) and notebook 04 (the same model sharded over N ranks).
 """
-from .vl2 import DeepseekVL2ForCausalLM, VL2Output, build_model
+from vl2lab.model.vl2 import DeepseekVL2ForCausalLM, VL2Output, build_model
 
 __all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model"]

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import KVCache, MHAttention, MLAttention, RMSNorm, Rotary
-from .moe import MLP, Experts, MoE, Router
+from vl2lab.model.attention import KVCache, MHAttention, MLAttention, RMSNorm, Rotary
+from vl2lab.model.moe import MLP, Experts, MoE, Router
 
 __all__ = ["DeepseekLanguageModel", "DecoderLayer", "KVCache", "attention_inputs"]
 

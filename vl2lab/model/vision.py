@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ProjectorConfig, VisionConfig
+from vl2lab.model.config import ProjectorConfig, VisionConfig
 
 __all__ = ["build_vision_tower", "encode_tiles", "space_to_depth", "Projector", "layout_image_features",
            "layout_images", "image_token_count"]

@@ -23,8 +23,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..config import VL2Config, get_config
-from .vision import Projector, build_vision_tower, encode_tiles, image_token_count, layout_images
+from vl2lab.model.config import VL2Config, get_config
+from vl2lab.model.vision import Projector, build_vision_tower, encode_tiles, image_token_count, layout_images
 
 __all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model"]
 
@@ -42,7 +42,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
 
     def __init__(self, config: VL2Config):
         super().__init__()
-        from .language import DeepseekLanguageModel
+        from vl2lab.model.language import DeepseekLanguageModel
 
         config.validate()
         self.config = config
@@ -133,8 +133,8 @@ class DeepseekVL2ForCausalLM(nn.Module):
         pad id when the model was loaded with one, else to EOS.
 
         ``decode``: ``"eager"`` (a Python loop of forwards), or greedy through a static step replayed as a CUDA graph
-        (``"graph"``; ``"compile"`` adds torch.compile): same tokens, see :mod:`vl2lab.graph_decode`."""
-        from .generation import generate
+        (``"graph"``; ``"compile"`` adds torch.compile): same tokens, see :mod:`vl2lab.model.graph_decode`."""
+        from vl2lab.model.generation import generate
 
         lm_cfg = self.config.language_config
         eos = lm_cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -149,7 +149,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         if decode != "eager":
             if do_sample:
                 raise ValueError(f"decode={decode!r} is greedy only; use decode='eager' for sampling")
-            from ..graph_decode import decoder_for
+            from vl2lab.model.graph_decode import decoder_for
             B, T = input_ids.shape
             dec = decoder_for(self.language, B, T + max_new_tokens, embeds.device, decode, eos, pad, ignore_eos)
             return dec.generate(embeds, attention_mask, max_new_tokens)
@@ -157,8 +157,8 @@ class DeepseekVL2ForCausalLM(nn.Module):
                         eos, pad, generator=generator, ignore_eos=ignore_eos)
 
     def save_pretrained(self, path: str, max_shard_bytes: Optional[int] = None, processor=None) -> None:
-        """Write an official-layout snapshot folder (see :func:`vl2lab.checkpoint.save_pretrained`)."""
-        from ..checkpoint import save_pretrained
+        """Write an official-layout snapshot folder (see :func:`vl2lab.weights.checkpoint.save_pretrained`)."""
+        from vl2lab.weights.checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, processor=processor)
 
 

@@ -1,0 +1,453 @@
+"""Run a function on N ranks from a notebook, and get its return values back, indexed by rank.
+
+    res = vl2lab.launch.launcher.run("vl2lab.tasks.nb02:check_row_parallel", world_size=4, hidden=64)
+    res[0]        # rank 0's return value
+    res           # deterministic per-rank table (rank, status, backend, device)
+    res.timings() # durations and peak memory
+
+Each call starts a fresh ``torchrun`` in its own session (the rank side is ``vl2lab.launch.worker``), so no
+CUDA or NCCL state lives in the notebook kernel, which never touches CUDA. Ranks report through files
+in a run dir (``rank{r}.status.json``, ``rank{r}.result.pt``, ``rank{r}.log``) that is kept afterwards.
+
+Failures surface as one exception naming the first failing rank: ``RankFailedError`` (a rank raised
+or vanished) or ``RankTimeoutError`` (the wall-clock ``timeout`` ran out). Timeouts nest:
+``init_process_group`` timeout (min(timeout, 120 s)) < launch ``timeout`` < notebook cell timeout.
+
+No process of a launch outlives it: the wait is wrapped in try/finally (errors, timeouts and
+KeyboardInterrupt all stop the agent and every rank: SIGTERM, a grace period, then SIGKILL, each
+rank's own process group included); an atexit hook stops launches still running when the kernel
+exits; and a watchdog thread in every rank kills the launch if the kernel is SIGKILLed.
+
+Lesson: notebook 00, sections 2 ("Ranks report in"), 4 ("When a rank fails") and 5 ("What a
+launch costs").
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import codecs
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+import psutil
+
+__all__ = ["run", "RankResults", "RankRecord", "RankFailedError", "RankTimeoutError",
+           "torchrun_command", "recorded_pids", "survivors", "main"]
+
+PROGRESS_EVERY_S = 10.0
+EXIT_GRACE_S = 30.0         # after every rank reported: how long torchrun may take to exit
+BACKENDS = ("auto", "gloo", "nccl")
+_ACTIVE: set = set()  # launches still running, stopped at exit
+
+
+from vl2lab.launch.results import (GRACE_S, RankFailedError, RankRecord, RankResults,  # noqa: E402,F401
+                           RankTimeoutError, _read_json, collect_records, failure_message,
+                           timeout_message)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _target_name(fn) -> str:
+    """'module:function' for a string or an importable function; one clear error otherwise."""
+    fix = ("Put the function in a .py module (for example write it with %%writefile mytask.py, then "
+           "`from mytask import f`) and pass the function or 'mytask:f'; or run a cell's code on N "
+           "ranks with the %%torchrun cell magic (%load_ext vl2lab.launch.magic).")
+    if isinstance(fn, str):
+        module, sep, name = fn.partition(":")
+        parts = module.split(".") + name.split(".")
+        if not sep or not all(p.isidentifier() for p in parts):
+            raise ValueError(f"fn={fn!r}: expected 'module:function', e.g. 'vl2lab.tasks.nb02:check'.")
+    elif callable(fn):
+        module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+        if module is None or "<" in name:
+            raise ValueError(f"{name or fn!r} is a lambda, a nested function or has no module, so a "
+                             f"fresh rank process cannot import it. {fix}")
+    else:
+        raise TypeError(f"fn must be a 'module:function' string or a function, got {type(fn).__name__}")
+    if module == "__main__":
+        raise ValueError(f"{name} is defined in __main__ (a notebook cell or a script run directly); "
+                         f"each rank is a fresh Python process that cannot import it. {fix}")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"module {module!r} of fn={module}:{name} cannot be imported from this "
+                         "process's sys.path, so the ranks could not import it either.")
+    return f"{module}:{name}"
+
+
+def _runs_root() -> str:
+    return os.environ.get("VL2LAB_RUNS_DIR") or os.path.join(tempfile.gettempdir(), "vl2lab-runs")
+
+
+def _make_run_dir(run_dir, target: str, node_tag: str) -> str:
+    if run_dir is None:
+        root = _runs_root()
+        os.makedirs(root, exist_ok=True)
+        short = "".join(c if c.isalnum() else "_" for c in target.split(":")[-1])[:40]
+        return tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-{short}-", dir=root)
+    run_dir = os.path.abspath(run_dir)
+    if os.path.exists(os.path.join(run_dir, f"launch{node_tag}.json")):
+        raise ValueError(f"run_dir={run_dir} already holds a launch; pass a new folder (or None).")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- command and environment
+def _pythonpath() -> str:
+    """The parent's sys.path minus the interpreter's own folders ('' → the current folder)."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    stdlib = [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")]
+    skip = {os.path.realpath(p) for p in paths.values()}
+    skip |= {os.path.realpath(p) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    out: list[str] = []
+    for p in sys.path:
+        p = os.path.abspath(p or os.getcwd())
+        real = os.path.realpath(p)
+        if (not os.path.exists(p) or real in skip or p in out
+                or any(real.startswith(s + os.sep) for s in stdlib)):
+            continue
+        out.append(p)
+    return os.pathsep.join(out)
+
+
+def _rdzv_id(target: str, rdzv_endpoint: str, nnodes: int, nproc: int) -> str:
+    """Same on every node (each node computes it alone), so the nodes meet in one rendezvous."""
+    import hashlib
+
+    key = f"{target}|{rdzv_endpoint}|{nnodes}|{nproc}".encode()
+    return "vl2lab-" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def torchrun_command(target: str, nproc_per_node: int, run_dir: str, backend: str = "auto",
+                     init_timeout: float = 120.0, *, nnodes: int = 1, node_rank="0",
+                     rdzv_endpoint: str | None = None, kwargs_path: str | None = None,
+                     python: str = sys.executable) -> list[str]:
+    """The torchrun command line of one node (``--standalone`` on a single node)."""
+    cmd = [python, "-m", "torch.distributed.run"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        cmd += ["--standalone"]  # c10d rendezvous on localhost:0: a free port per launch
+    else:
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", rdzv_endpoint,
+                "--rdzv-id", _rdzv_id(target, rdzv_endpoint, nnodes, nproc_per_node)]
+    cmd += ["--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+            "--monitor-interval", "0.1", "-m", "vl2lab.launch.worker", "--run-dir", run_dir,
+            "--target", target, "--backend", backend, "--init-timeout", f"{init_timeout:g}"]
+    return cmd + (["--kwargs", kwargs_path] if kwargs_path else [])
+
+
+def _rank_env(nproc: int, run_dir: str, single_node: bool, omp_threads, extra) -> dict:
+    env = dict(os.environ)  # keeps NCCL_NVLS_ENABLE, TORCH_SYMM_MEM_DISABLE_MULTICAST, ...
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tmp = os.path.join(run_dir, "tmp")  # torchrun leaves torchelastic_* folders in TMPDIR
+    os.makedirs(tmp, exist_ok=True)
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TMPDIR=tmp, PYTHONPATH=_pythonpath(),
+               OMP_NUM_THREADS=str(omp_threads or max(1, (cpus or 1) // nproc)),
+               VL2LAB_LAUNCHER_PID=str(os.getpid()),
+               VL2LAB_LAUNCHER_CTIME=repr(psutil.Process().create_time()))
+    if single_node:
+        env["MASTER_ADDR"] = "127.0.0.1"
+        if os.path.exists("/sys/class/net/lo"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+# ------------------------------------------------------------------------------ process bookkeeping
+def recorded_pids(run_dir: str, agent_pid: int | None = None) -> list[dict]:
+    """PIDs (with start times) that a launch recorded on this host: torchrun agents and ranks.
+
+    agent_pid: only that agent and its ranks (a run dir can be shared by several nodes).
+    """
+    out = []
+    for name in sorted(os.listdir(run_dir)):
+        info = _read_json(os.path.join(run_dir, name)) if name.endswith(".json") else None
+        if not info or info.get("host", socket.gethostname()) != socket.gethostname():
+            continue
+        if name.startswith("launch"):
+            pid, ctime, agent = info["agent_pid"], info["agent_ctime"], info["agent_pid"]
+        elif name.endswith(".pid.json"):
+            pid, ctime, agent = info["pid"], info["create_time"], info.get("agent_pid")
+        else:
+            continue
+        if agent_pid is None or agent == agent_pid:
+            out.append({"file": name, "pid": pid, "create_time": ctime})
+    return out
+
+
+def _process(pid: int, create_time: float | None):
+    """psutil.Process if that PID is still the same, un-reaped-or-running process, else None."""
+    try:
+        p = psutil.Process(pid)
+        if create_time is not None and abs(p.create_time() - create_time) > 0.05:
+            return None
+        return None if p.status() == psutil.STATUS_ZOMBIE else p
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def survivors(run_dir: str) -> list:
+    """Recorded processes of a launch that are still alive (zombies count as gone)."""
+    procs = [_process(d["pid"], d["create_time"]) for d in recorded_pids(run_dir)]
+    return [p for p in procs if p is not None]
+
+
+def _signal(procs, sig) -> None:
+    mine = os.getpgrp()
+    for p in procs:
+        try:
+            if not p.is_running():  # psutil compares start times: a reused PID is not ours
+                continue
+            if os.getpgid(p.pid) == p.pid != mine:  # a session leader: its whole group
+                os.killpg(p.pid, sig)
+            else:
+                p.send_signal(sig)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+
+
+class _Launch:
+    """One running torchrun: its Popen, run dir and the PIDs it has reported so far."""
+
+    def __init__(self, cmd, env, run_dir, node_tag):
+        self.run_dir, self.t0 = run_dir, time.monotonic()
+        self.log = open(os.path.join(run_dir, f"torchrun{node_tag}.log"), "ab")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:
+            self.agent_ctime = psutil.Process(self.proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            self.agent_ctime = None
+        with open(os.path.join(run_dir, f"launch{node_tag}.json"), "w") as f:
+            json.dump({"agent_pid": self.proc.pid, "agent_ctime": self.agent_ctime,
+                       "launcher_pid": os.getpid(), "host": socket.gethostname(),
+                       "command": cmd}, f, indent=1)
+        _ACTIVE.add(self)
+
+    def processes(self) -> list:
+        found = {}
+        agent = _process(self.proc.pid, self.agent_ctime)
+        if agent is not None:
+            found[agent.pid] = agent
+            try:
+                found.update((c.pid, c) for c in agent.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for d in recorded_pids(self.run_dir, self.proc.pid):
+            p = _process(d["pid"], d["create_time"])
+            if p is not None:
+                found[p.pid] = p
+        return [p for p in found.values() if _process(p.pid, None) is not None]
+
+    def stop(self, grace: float = GRACE_S) -> None:
+        """SIGTERM the agent and every rank (with their process groups), then SIGKILL survivors."""
+        procs = self.processes()
+        if procs:
+            _signal(procs, signal.SIGTERM)
+            if _wait_gone(procs, grace):
+                _signal(self.processes() + procs, signal.SIGKILL)
+                _wait_gone(procs, 5.0)
+        try:
+            self.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+        _ACTIVE.discard(self)
+
+
+def _wait_gone(procs, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _process(p.pid, None) is not None]
+    return alive
+
+
+@atexit.register
+def _stop_all() -> None:
+    for launch in list(_ACTIVE):
+        launch.stop(grace=2.0)
+
+
+class _Tail:
+    """Copies new text of a growing log file to sys.stdout (stream=True)."""
+
+    def __init__(self, path: str):
+        self.path, self.pos = path, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self.pos += len(data)
+        text = self.decoder.decode(data)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
+def _exit_grace() -> float:
+    return float(os.environ.get("VL2LAB_EXIT_GRACE_S", EXIT_GRACE_S))
+
+
+def _reported(run_dir: str) -> int:
+    return sum(n.endswith(".status.json") for n in os.listdir(run_dir))
+
+
+def _wait(launch: _Launch, timeout, stream, progress_after, expected: int):
+    """Exit code of torchrun; None when the wall-clock timeout ran out; ``"stuck"`` when every rank of this node
+    has reported but torchrun is still running :data:`EXIT_GRACE_S` (env ``VL2LAB_EXIT_GRACE_S``) later (a process hanging in its teardown,
+    e.g. a communicator that does not shut down: the results are in, so the launch is stopped and returned)."""
+    tail = _Tail(os.path.join(launch.run_dir, "rank0.log")) if stream else None
+    next_progress = progress_after
+    all_in = None
+    while True:
+        try:
+            rc = launch.proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if tail is not None:
+            tail.pump()
+        if rc is not None:
+            return rc
+        now = time.monotonic()
+        elapsed = now - launch.t0
+        if elapsed > timeout:
+            return None
+        if all_in is None and _reported(launch.run_dir) >= expected:
+            all_in = now
+        if all_in is not None and now - all_in > _exit_grace():
+            return "stuck"
+        if progress_after is not None and elapsed >= next_progress:
+            print(f"[vl2lab] {elapsed:.0f} s: {_reported(launch.run_dir)}/{expected} ranks finished",
+                  file=sys.stderr, flush=True)
+            next_progress = elapsed + PROGRESS_EVERY_S
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, *,
+        stream: bool = False, progress_after: float | None = 15.0, run_dir: str | None = None,
+        nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+        env: dict | None = None, omp_threads: int | None = None, **kwargs) -> RankResults:
+    """Call ``fn(**kwargs)`` in every rank of a fresh torchrun launch; return the values by rank.
+
+    ``fn``: ``"module:function"`` or a function whose module the ranks can import (not __main__).
+    ``world_size``: ranks in total (``world_size // nnodes`` per node). ``backend``: auto|gloo|nccl.
+    ``timeout``: wall-clock seconds for the whole launch. ``stream``: copy rank 0's output here.
+    ``progress_after``: seconds before a progress line appears on stderr (None: never).
+    ``nnodes``/``node_rank``/``rdzv_endpoint``: multi-node; run the same call on every node.
+    ``env``: extra environment variables for the ranks. ``omp_threads``: OMP_NUM_THREADS per rank.
+    ``**kwargs`` go to ``fn`` in every rank (sent with torch.save); names that run() itself takes
+    (``timeout``, ``env``, ...) cannot be forwarded this way: pass them inside a dict.
+    """
+    target = _target_name(fn)
+    if not isinstance(world_size, int) or world_size < 1 or nnodes < 1 or world_size % nnodes:
+        raise ValueError(f"world_size={world_size!r} must be a positive int divisible by nnodes={nnodes}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    if not timeout or timeout <= 0:
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+    multi = nnodes > 1 or rdzv_endpoint is not None
+    if multi and not rdzv_endpoint:
+        raise ValueError("a multi-node launch needs rdzv_endpoint='HOST:PORT' (reachable from all nodes)")
+    nproc = world_size // nnodes
+    node_tag = f".node{node_rank}" if multi else ""
+    run_dir = _make_run_dir(run_dir, target, node_tag)
+    kwargs_path = None
+    if kwargs:
+        import torch
+
+        kwargs_path = os.path.join(run_dir, "kwargs.pt")
+        torch.save(kwargs, kwargs_path)
+    cmd = torchrun_command(target, nproc, run_dir, backend, max(10.0, min(timeout, 120.0)),
+                           nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                           kwargs_path=kwargs_path)
+    launch = _Launch(cmd, _rank_env(nproc, run_dir, not multi, omp_threads, env), run_dir, node_tag)
+    try:
+        rc = _wait(launch, timeout, stream, progress_after, nproc)
+    finally:  # also on KeyboardInterrupt: nothing of the launch may outlive this call
+        launch.stop()
+    wall = time.monotonic() - launch.t0
+    records = collect_records(run_dir, world_size, multi, timed_out=rc is None, node_tag=node_tag)
+    if rc is None:
+        msg = timeout_message(records, timeout, run_dir)
+        raise RankTimeoutError(msg, records, run_dir, launch.proc.pid)
+    res = RankResults(records, world_size, run_dir, wall, launch.proc.pid)
+    if rc != 0 and all(r.status == "ok" for r in records):
+        # every rank returned its value; only the processes' exit went wrong (a teardown that hangs or fails)
+        how = (f"did not exit within {_exit_grace():.0f} s and was stopped" if rc == "stuck"
+               else f"exited with code {rc}")
+        print(f"[vl2lab] warning: every rank reported ok, but torchrun {how}; the results are kept "
+              f"(logs in {run_dir})", file=sys.stderr, flush=True)
+        return res
+    if rc != 0 or any(r.status in ("error", "missing") for r in records):
+        msg, first = failure_message(records, rc, run_dir, node_tag)
+        raise RankFailedError(msg, records, run_dir, launch.proc.pid, first)
+    return res
+
+
+# ------------------------------------------------------------------------------------ command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vl2lab.launch.launcher",
+                                description="Run module:function on N ranks (torchrun) and print "
+                                            "the per-rank summary, or print the command per node.")
+    p.add_argument("target", help="module:function")
+    p.add_argument("-n", "--nproc-per-node", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--stream", action="store_true", help="show rank 0's output live")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the torchrun command to run on each node instead of running")
+    a = p.parse_args(argv)
+    if a.print_command:
+        target = _target_name(a.target)
+        multi = a.nnodes > 1 or a.rdzv_endpoint is not None
+        if multi and not a.rdzv_endpoint:
+            p.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+        run_dir = a.run_dir or os.path.join("vl2lab-runs", target.replace(":", "-"))
+        cmd = torchrun_command(target, a.nproc_per_node, run_dir, a.backend,
+                               max(10.0, min(a.timeout, 120.0)), nnodes=a.nnodes,
+                               node_rank="NODE_RANK", rdzv_endpoint=a.rdzv_endpoint, python="python")
+        line = " ".join("$NODE_RANK" if c == "NODE_RANK" else shlex.quote(c) for c in cmd)
+        if multi:
+            print(f"# on each of the {a.nnodes} nodes, with NODE_RANK set to 0..{a.nnodes - 1}:")
+        print("PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 " + line)
+        return 0
+    try:
+        res = run(a.target, a.nproc_per_node * a.nnodes, a.backend, a.timeout, stream=a.stream,
+                  run_dir=a.run_dir, nnodes=a.nnodes, node_rank=a.node_rank,
+                  rdzv_endpoint=a.rdzv_endpoint)
+    except RankFailedError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(res.summary())
+    print(f"run dir: {res.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Rank-side proofs that the tensor-parallel layers compute what the dense layers compute.
+
+Lesson: notebook 02, sections "1. Two ways to split a linear layer",
+"2. Both splits on N ranks, checked against the dense layer", "3. Column → row: one all-reduce per block" and
+"5. A published tensor-parallel example, run".
+
+Every function except :func:`shard_table` is a *rank function*: it runs on every rank with
+``torch.distributed`` initialised and returns a plain dict (numbers, strings, CPU tensors).
+
+Tolerances. Each comparison reports max |Δ|, its rule, ``exact`` (Δ == 0 everywhere) and ``pass``:
+
+* ``copy`` — tol 0. Gathers and embedding lookups only move numbers (adding the zeros of other
+  ranks is exact).
+* ``reorder(K)`` — the split computes the same K-term dot products as the dense layer (column output,
+  weight gradients, the gathered blocks), so the result *could* be bit-exact, and in float32 often
+  is. It is not guaranteed: on MKL (the CPU BLAS here) the GEMM kernel and its blocking/vector order
+  over K are chosen from the matrix shape, and a shard has a different N than the dense layer, so
+  some elements round differently by a few ulp (float64 differs for most shapes; cuBLAS on an H200
+  differs too in float32 and bfloat16, though not in float64). The tolerance is the
+  bound for *any* summation order of K terms: |Δ| <= K·eps·max Σ|terms| (twice Higham's γ_K with
+  u = eps/2), derived, not fitted: about 3e-6·Σ|terms| for K=24 in float32.
+* ``close`` — an all-reduce adds per-rank partial sums in an order the dense GEMM never used (row
+  output, input gradients of column layers, the whole MLP): torch.testing.assert_close's defaults,
+  |Δ| <= atol + rtol·|ref|, with (atol, rtol) = (1e-5, 1.3e-6) for float32 and (1e-7, 1e-7) for float64.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vl2lab.parallel.groups import device as _rank_device
+from vl2lab.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                       gather_from_tp, shard_range, split_sizes)
+
+__all__ = ["check_layers", "article_column_allreduce", "article_row_as_batch_split", "article_examples",
+           "shard_table", "count_collectives"]
+
+_CLOSE = {torch.float32: (1e-5, 1.3e-6), torch.float64: (1e-7, 1e-7)}
+
+
+def _dtype(name) -> torch.dtype:
+    dt = getattr(torch, name, None) if isinstance(name, str) else name
+    if dt not in _CLOSE:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
+    return dt
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count torch.distributed.all_reduce / all_gather calls made inside the block (by wrapping them)."""
+    counts = {"all_reduce": 0, "all_gather": 0}
+    originals = {name: getattr(dist, name) for name in counts}
+
+    def wrap(name):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return counted
+
+    for name in counts:
+        setattr(dist, name, wrap(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+class _Report:
+    """Collects comparisons as {name: {max_abs_diff, rule, atol, rtol, exact, pass}}."""
+
+    def __init__(self, dtype):
+        self.dtype, self.eps, self.rows = dtype, torch.finfo(dtype).eps, {}
+
+    def add(self, name, got, ref, rule, k=None, scale=None):
+        got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+        if got.shape != ref.shape:
+            raise ValueError(f"{name}: shape {tuple(got.shape)} vs dense {tuple(ref.shape)}")
+        diff = (got - ref).abs()
+        if rule == "copy":
+            atol, rtol, text = 0.0, 0.0, "copy: 0"
+        elif rule == "reorder":  # any order of k terms: |Δ| <= k·eps·Σ|terms| / (1 - k·eps/2)
+            atol = k * self.eps * float(torch.as_tensor(scale).detach()) / (1 - k * self.eps / 2)
+            rtol, text = 0.0, f"reorder(K={k}): K·eps·max Σ|terms|"
+        else:
+            (atol, rtol), text = _CLOSE[self.dtype], "close: assert_close defaults"
+        ok = bool((diff <= atol + rtol * ref.abs()).all())
+        self.rows[name] = {"max_abs_diff": float(diff.max()) if diff.numel() else 0.0, "rule": text,
+                           "atol": atol, "rtol": rtol, "exact": bool((diff == 0).all()), "pass": ok}
+
+
+def _abs_mm(a, b):  # max over elements of Σ|a_ik b_kj|: the size of the terms a dot product adds
+    return (a.detach().abs().double() @ b.detach().abs().double()).max()
+
+
+def check_layers(seed: int = 0, dtype: str = "float32", batch: int = 2, seq: int = 3, hidden: int = 24,
+                 heads: int = 10, head_dim: int = 4, intermediate: int = 42, vocab: int = 50) -> dict:
+    """Dense vs tensor-parallel, forward and backward, on this rank (tolerances: module docstring).
+
+    Every rank builds the same dense layers and data from ``seed``, slices the layers with
+    ``from_dense`` and compares output, input gradient and its own weight/bias gradient slices.
+    Defaults give uneven splits on 4 ranks: 10 heads of width 4 (3,3,2,2 heads), intermediate 42
+    (11,11,10,10), vocab 50 (13,13,12,12). Checks: column (split and gathered output), row (split and
+    whole input), vocab embedding, LM head, and a SwiGLU MLP (gate/up column, down row) whose forward
+    all-reduces are counted by wrapping torch.distributed.all_reduce.
+
+    Tolerances (details in the module docstring): copies 0; the same dot products as the dense layer
+    K·eps·max Σ|terms| (bit-exactness is reported, not required: MKL is not bit-exact across shard
+    widths); sums an all-reduce reorders: assert_close defaults (float32 atol 1e-5, rtol 1.3e-6;
+    float64 1e-7, 1e-7). TF32 is switched off for the duration.
+    Returns {rank, world_size, backend, device, dtype, checks: {name: {max_abs_diff, rule, atol, rtol,
+    exact, pass}}, mlp_forward_all_reduces, mlp_forward_all_gathers, mlp_backward_all_reduces,
+    same_dot_products_bit_exact, all_pass}.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: the tolerances assume true float32 GEMMs
+    try:
+        return _check_layers(seed, _dtype(dtype), batch, seq, hidden, heads, head_dim, intermediate, vocab)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, vocab) -> dict:
+    dev, rank, world = _rank_device(), dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(seed)  # same stream on every rank
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dt).to(dev)
+
+    def dense_linear(i, o, bias=True):
+        lin = nn.Linear(i, o, bias=bias, dtype=dt, device=dev)
+        with torch.no_grad():
+            lin.weight.copy_(randn(o, i) / i ** 0.5)
+            if bias:
+                lin.bias.copy_(randn(o))
+        return lin
+
+    rep, bt = _Report(dt), batch * seq
+    out_c = heads * head_dim
+    x = randn(batch, seq, hidden)  # [B, T, hidden], the same on every rank
+
+    # Column parallel: 10 heads of width 4, split by whole heads; output split, then gathered.
+    for gather in (False, True):
+        name = "column_gathered" if gather else "column"
+        dense = dense_linear(hidden, out_c)
+        gy = randn(batch, seq, out_c)
+        xd = x.clone().requires_grad_()
+        y = dense(xd)
+        y.backward(gy)
+        par = ColumnParallelLinear.from_dense(dense, gather_output=gather, unit=head_dim)
+        s, e = par.start, par.end
+        xp = x.clone().requires_grad_()
+        yp = par(xp)
+        yp.backward(gy if gather else gy[..., s:e])
+        rep.add(f"{name}.out", yp, y if gather else y[..., s:e], "reorder", hidden + 1,
+                (x.reshape(bt, -1).abs().double() @ dense.weight.detach().abs().double().T
+                 + dense.bias.detach().abs().double()).max())
+        rep.add(f"{name}.grad_x", xp.grad, xd.grad, "close")
+        rep.add(f"{name}.grad_w", par.weight.grad, dense.weight.grad[s:e], "reorder", bt,
+                _abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
+        rep.add(f"{name}.grad_b", par.bias.grad, dense.bias.grad[s:e], "reorder", bt, gy.abs().sum((0, 1)).max())
+
+    # Row parallel: input split by whole heads (as o_proj), input given split or whole.
+    for parallel_in in (True, False):
+        name = "row" if parallel_in else "row_scatter"
+        dense = dense_linear(out_c, hidden)
+        xr = randn(batch, seq, out_c)
+        gy = randn(batch, seq, hidden)
+        xd = xr.clone().requires_grad_()
+        y = dense(xd)
+        y.backward(gy)
+        par = RowParallelLinear.from_dense(dense, input_is_parallel=parallel_in, unit=head_dim)
+        s, e = par.start, par.end
+        xp = (xr[..., s:e] if parallel_in else xr).clone().requires_grad_()
+        yp = par(xp)
+        yp.backward(gy)
+        rep.add(f"{name}.out", yp, y, "close")
+        rep.add(f"{name}.grad_x", xp.grad, xd.grad[..., s:e] if parallel_in else xd.grad, "reorder", hidden,
+                _abs_mm(gy.reshape(bt, -1), dense.weight))
+        rep.add(f"{name}.grad_w", par.weight.grad, dense.weight.grad[:, s:e], "reorder", bt,
+                _abs_mm(gy.reshape(bt, -1).T, xr.reshape(bt, -1)))
+        rep.add(f"{name}.grad_b", par.bias.grad, dense.bias.grad, "reorder", bt, gy.abs().sum((0, 1)).max())
+
+    # Vocab-parallel embedding: ids on every shard, repeated ids accumulate gradient.
+    emb = nn.Embedding(vocab, hidden, dtype=dt, device=dev)
+    with torch.no_grad():
+        emb.weight.copy_(randn(vocab, hidden))
+    ids = torch.randint(0, vocab, (batch, seq * 4), generator=gen).to(dev)
+    gy = randn(batch, seq * 4, hidden)
+    y = emb(ids)
+    y.backward(gy)
+    par = VocabParallelEmbedding.from_dense(emb)
+    yp = par(ids)
+    yp.backward(gy)
+    rep.add("embedding.out", yp, y, "copy")
+    rep.add("embedding.grad_w", par.weight.grad, emb.weight.grad[par.start:par.end], "reorder",
+            batch * seq * 4, gy.abs().sum((0, 1)).max())
+
+    # LM head: vocab split (uneven), logits gathered.
+    head = dense_linear(hidden, vocab, bias=False)
+    gy = randn(batch, seq, vocab)
+    xd = x.clone().requires_grad_()
+    y = head(xd)
+    y.backward(gy)
+    par = ParallelLMHead.from_dense(head)
+    xp = x.clone().requires_grad_()
+    yp = par(xp)
+    yp.backward(gy)
+    rep.add("lm_head.logits", yp, y, "reorder", hidden, _abs_mm(x.reshape(bt, -1), head.weight.T))
+    rep.add("lm_head.grad_x", xp.grad, xd.grad, "close")
+    with torch.no_grad():  # the same gather, with the widths exchanged instead of given
+        rep.add("lm_head.gather_widths_exchanged", gather_from_tp(F.linear(x, par.weight)), yp, "copy")
+    rep.add("lm_head.grad_w", par.weight.grad, head.weight.grad[par.start:par.end], "reorder", bt,
+            _abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
+
+    # SwiGLU MLP: down(silu(gate(x)) * up(x)); gate/up column, down row: ONE all-reduce in forward.
+    gate, up = dense_linear(hidden, intermediate, False), dense_linear(hidden, intermediate, False)
+    down = dense_linear(intermediate, hidden, False)
+    gy = randn(batch, seq, hidden)
+    xd = x.clone().requires_grad_()
+    y = down(F.silu(gate(xd)) * up(xd))
+    y.backward(gy)
+    pg, pu = ColumnParallelLinear.from_dense(gate), ColumnParallelLinear.from_dense(up)
+    pd = RowParallelLinear.from_dense(down)
+    xp = x.clone().requires_grad_()
+    with count_collectives() as fwd:
+        yp = pd(F.silu(pg(xp)) * pu(xp))  # [B,T,I_local] -> [B,T,hidden]
+    with count_collectives() as bwd:
+        yp.backward(gy)
+    s, e = pg.start, pg.end
+    rep.add("mlp.out", yp, y, "close")
+    rep.add("mlp.grad_x", xp.grad, xd.grad, "close")
+    rep.add("mlp.grad_w_gate", pg.weight.grad, gate.weight.grad[s:e], "close")
+    rep.add("mlp.grad_w_up", pu.weight.grad, up.weight.grad[s:e], "close")
+    rep.add("mlp.grad_w_down", pd.weight.grad, down.weight.grad[:, s:e], "close")
+
+    same_dot = [r for r in rep.rows.values() if r["rule"].startswith("reorder")]
+    return {
+        "rank": rank, "world_size": world, "backend": dist.get_backend(), "device": str(dev), "dtype": str(dt),
+        "checks": rep.rows,
+        "mlp_forward_all_reduces": fwd["all_reduce"], "mlp_forward_all_gathers": fwd["all_gather"],
+        "mlp_backward_all_reduces": bwd["all_reduce"],
+        "same_dot_products_bit_exact": all(r["exact"] for r in same_dot),
+        "all_pass": all(r["pass"] for r in rep.rows.values()) and fwd["all_reduce"] == (1 if world > 1 else 0),
+    }
+
+
+# ------------------------------------------------------------------ the source article's two TP examples
+
+def _article_data(seed, batch, in_features, out_features, dt, dev):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_features, generator=gen, dtype=torch.float64).to(dt).to(dev)  # [B, in]
+    w = torch.randn(in_features, out_features, generator=gen, dtype=torch.float64).to(dt).to(dev)  # [in, out]
+    return x, w
+
+
+def _gather_cat(t: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor:
+    """All-gather blocks of possibly different lengths along ``dim`` (pad, gather, trim, concatenate)."""
+    pad = max(sizes) - t.shape[dim]
+    t = torch.cat([t, t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1:])], dim).contiguous()
+    pieces = [torch.empty_like(t) for _ in sizes]
+    dist.all_gather(pieces, t)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim)
+
+
+def article_column_allreduce(seed: int = 0, batch: int = 4, in_features: int = 6, out_features: int = 8,
+                             dtype: str = "float32") -> dict:
+    """The article's column-parallel example, Y = X W with W [in, out] split by columns, finished with an
+    all-REDUCE — and the correct finish, an all-GATHER.
+
+    Rank r holds Y_r = X W[:, block_r], Y's column block r. Summing the blocks adds *different* output
+    columns together: the result has shape [B, out/N] and is Σ_r Y_r, not Y. Concatenating the blocks
+    (all-gather) gives Y exactly. At world size 1 both finishes are the identity and agree.
+    """
+    dt, dev = _dtype(dtype), _rank_device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = split_sizes(out_features, world)
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the article's all-reduce needs equal blocks: {out_features} columns over {world} "
+                         f"ranks gives {sizes}; pick out_features divisible by the world size")
+    x, w = _article_data(seed, batch, in_features, out_features, dt, dev)
+    s, e = shard_range(out_features, rank, world)
+    dense = x @ w  # [B, out]
+    partial = x @ w[:, s:e]  # [B, out/N] = Y[:, s:e]
+    summed = partial.clone()
+    dist.all_reduce(summed)  # Σ_r Y_r: [B, out/N] — the article's finish
+    gathered = _gather_cat(partial, 1, sizes)  # [B, out] — the correct finish
+    shape_ok = tuple(summed.shape) == tuple(dense.shape)
+    rep = _Report(dt)  # the gathered blocks are the same dot products: reorder(K=in) rule
+    rep.add("allgather", gathered, dense, "reorder", in_features, _abs_mm(x, w))
+    cpu = lambda t: t.detach().cpu()  # noqa: E731
+    return {
+        "rank": rank, "world_size": world,
+        "dense_shape": tuple(dense.shape), "allreduce_shape": tuple(summed.shape),
+        "allreduce_shape_matches": shape_ok,
+        "allreduce_equal": bool(shape_ok and torch.equal(summed, dense)),
+        "allreduce_max_err_vs_own_block": float((summed - dense[:, s:e]).abs().max()),
+        "allgather_shape": tuple(gathered.shape), "allgather_equal": bool(torch.equal(gathered, dense)),
+        "allgather_max_err": float((gathered - dense).abs().max()), "allgather": rep.rows["allgather"],
+        "x": cpu(x), "w": cpu(w), "dense": cpu(dense), "partial": cpu(partial), "allreduce_result": cpu(summed),
+        "allgather_result": cpu(gathered),
+    }
+
+
+def article_row_as_batch_split(seed: int = 0, batch: int = 8, in_features: int = 8, out_features: int = 6,
+                               dtype: str = "float32") -> dict:
+    """The article's "row parallel": split X by rows (the batch), multiply by W, concatenate.
+
+    It gives the right numbers, because rows of Y = X W only need their own rows of X — but every rank
+    multiplies by the WHOLE W [in, out]: that is data parallelism (split the batch, replicate the
+    weights), and the weight memory per rank does not shrink. True row parallelism splits W by rows of
+    its *input* dim, W = [W_1; ...; W_N], X by the matching columns, and all-reduces partial sums:
+    Y = Σ_r X[:, block_r] W_r, with |W|/N bytes per rank (tolerance: "close", module docstring).
+    """
+    dt, dev = _dtype(dtype), _rank_device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, w = _article_data(seed, batch, in_features, out_features, dt, dev)
+    dense = x @ w  # [B, out]
+    # article: rows of X, whole W
+    bs, be = shard_range(batch, rank, world)
+    y_rows = x[bs:be] @ w  # [B/N, out]
+    batch_split = _gather_cat(y_rows, 0, split_sizes(batch, world))  # [B, out]
+    # true row parallel: columns of X, rows of W's input dim, all-reduce partial sums
+    s, e = shard_range(in_features, rank, world)
+    w_local = w[s:e].contiguous()  # [in/N, out]
+    partial = x[:, s:e] @ w_local  # [B, out], this rank's term
+    row = partial.clone()
+    dist.all_reduce(row)
+    rep = _Report(dt)
+    rep.add("batch_split", batch_split, dense, "reorder", in_features, _abs_mm(x, w))
+    rep.add("row_parallel", row, dense, "close")
+    el = w.element_size()
+    return {
+        "rank": rank, "world_size": world,
+        "batch_split_equal": bool(torch.equal(batch_split, dense)),
+        "batch_split_max_err": float((batch_split - dense).abs().max()), "batch_split": rep.rows["batch_split"],
+        "w_bytes_total": w.numel() * el,
+        "w_bytes_per_rank_batch_split": w.numel() * el,  # the whole W on every rank
+        "w_bytes_per_rank_row_parallel": w_local.numel() * el,
+        "w_bytes_all_ranks_batch_split": world * w.numel() * el,
+        "w_bytes_all_ranks_row_parallel": w.numel() * el,
+        "row_parallel": rep.rows["row_parallel"],
+        "verdict": "splitting X by rows replicates W: data parallelism, not tensor parallelism",
+        "dense": dense.detach().cpu(), "batch_split_result": batch_split.detach().cpu(),
+        "row_parallel_result": row.detach().cpu(),
+    }
+
+
+# ------------------------------------------------------------------------------- pure table for drawings
+
+def shard_table(out_features: int, in_features: int, world_size: int, unit: int = 1) -> dict:
+    """Per-rank shard ranges and shapes of a dense W [out, in] split column-wise (out dim) and row-wise
+    (in dim), both in blocks of ``unit`` (e.g. head_dim: q_proj splits its out dim by heads, o_proj its
+    in dim). No torch.distributed needed."""
+    column, row = [], []
+    for r in range(world_size):
+        s, e = shard_range(out_features, r, world_size, unit)
+        column.append({"rank": r, "out_range": (s, e), "weight_shape": (e - s, in_features),
+                       "bias_shape": (e - s,), "input_shape": (in_features,), "output_shape": (e - s,),
+                       "weight_numel": (e - s) * in_features})
+        s, e = shard_range(in_features, r, world_size, unit)
+        row.append({"rank": r, "in_range": (s, e), "weight_shape": (out_features, e - s),
+                    "bias_shape": (out_features,), "input_shape": (e - s,), "output_shape": (out_features,),
+                    "weight_numel": out_features * (e - s)})
+    return {"dense_weight_shape": (out_features, in_features), "world_size": world_size, "unit": unit,
+            "column": column, "row": row,
+            "column_finish": "output split: all-gather along the last dim if needed whole",
+            "row_finish": "partial sums of full shape: one all-reduce, then the bias once"}
+
+
+def article_examples(seed: int = 0, dtype: str = "float32") -> dict:
+    """Both article reproductions in one rank function (one launch for the notebook cell)."""
+    return {"column_allreduce": article_column_allreduce(seed=seed, dtype=dtype),
+            "row_as_batch_split": article_row_as_batch_split(seed=seed, dtype=dtype)}

@@ -1,0 +1,259 @@
+"""Layer split: consecutive decoder layers on consecutive ranks, the official repository's multi-GPU placement.
+
+Lesson: notebook 04 (full 4-GPU deployment), section 6 ("Three ways to use 4 devices").
+
+The official DeepSeek-VL2 code has no tensor parallelism; its answer to "the model does not fit one GPU" is a
+``device_map`` that gives each GPU a run of whole decoder layers (small: [13, 14], base: [10, 10, 10]). Here each
+rank is one process holding, for N ranks and L layers split as [a_0 = 0, a_1, …, a_N = L)::
+
+    rank 0       vision tower, projector, image_newline, view_seperator, embed_tokens,  layers [a_0, a_1)
+    rank r       layers [a_r, a_{r+1})
+    rank N−1     layers [a_{N−1}, L),  norm, lm_head
+
+By default the layers are spread as evenly as possible with the extra ones on the *last* ranks (rank 0 also holds
+the vision tower): 27 layers on 2 ranks → [13, 14], 30 on 3 → [10, 10, 10], 3 on 4 → [0, 1, 1, 1] (rank 0 then
+holds the vision side and the embedding only). ``sizes`` takes an explicit list, as the official device_map does.
+
+One forward (the prefill, or one decode step) of B sequences × T new positions, hidden H, vocabulary V::
+
+    rank 0:    x = embeddings (image features written in) [B, T, H];  x = its layers(x);  send x → rank 1
+    rank r:    recv x ← rank r−1;  x = its layers(x);  send x → rank r+1
+    rank N−1:  recv;  its layers;  logits = lm_head(norm(x[:, −k:]))  [B, k, V] fp32;  broadcast → every rank
+    every rank then picks the same next tokens (``vl2lab.model.generation.generate`` runs unchanged on each).
+
+Each rank computes only while it holds the request's hidden states: for one request **one rank works at a time**,
+and a token costs Σ_r t_r + (N−1) sends + 1 broadcast — no faster than one device holding everything. The layer
+split buys room (each rank holds ~1/N of the layers), not speed; only several requests in flight at once
+(micro-batches, as a pipeline-parallel server schedules them) would keep more than one rank busy. No arithmetic
+is split or reordered, so on the same hardware the logits are bit-identical to one device's.
+
+Communication per forward: N−1 point-to-point sends of B·T·H values (send/recv: gloo and NCCL both have them)
+and one broadcast of B·k·V fp32 logits. Each rank's KV cache holds its own layers only.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vl2lab.model.language import attention_inputs
+from vl2lab.parallel.layers import _rank_world
+
+__all__ = ["LayerSplitError", "layer_ranges", "load_layer_split", "PipelineLM", "generate", "describe",
+           "check_layer_split"]
+
+
+class LayerSplitError(ValueError):
+    """A layer placement that cannot run (the message says what to change)."""
+
+
+def layer_ranges(num_layers: int, world_size: int, sizes: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
+    """[(start, end)] of decoder layers per rank. ``sizes``: layers per rank (the official device_map lists, e.g.
+    [13, 14]); default: as even as possible, the extra layers on the last ranks. Rank 0 (vision, embedding) and the
+    last rank (norm, lm_head) may hold no layer; a rank in between must hold at least one."""
+    if world_size < 1:
+        raise LayerSplitError(f"world_size must be >= 1, got {world_size}")
+    if sizes is None:
+        base, extra = divmod(num_layers, world_size)
+        sizes = [base + (r >= world_size - extra) for r in range(world_size)]
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != world_size or sum(sizes) != num_layers or min(sizes) < 0:
+        raise LayerSplitError(f"layer sizes {sizes} must be {world_size} non-negative counts summing to the "
+                              f"{num_layers} decoder layers (e.g. small [13, 14] on 2 ranks, base [10, 10, 10] on 3)")
+    idle = [r for r in range(1, world_size - 1) if sizes[r] == 0]
+    if idle:
+        raise LayerSplitError(f"rank(s) {idle} would hold no decoder layer and only pass the hidden states on: "
+                              f"{num_layers} layers give work to at most {num_layers + 2} ranks; use fewer ranks")
+    starts = [sum(sizes[:r]) for r in range(world_size)]
+    return [(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def _prune(model, rank: int, world: int, start: int, end: int) -> None:
+    """Drop every module this rank does not hold (the layers are kept under their global names)."""
+    lm = model.language
+    lm.model.layers = nn.ModuleDict({str(i): lm.model.layers[i] for i in range(start, end)})
+    if rank != 0:
+        model.vision = model.projector = None
+        model.image_newline = model.view_seperator = None
+        lm.model.embed_tokens = None
+    if rank != world - 1:
+        lm.model.norm = lm.lm_head = None
+
+
+def load_layer_split(path, group=None, sizes: Optional[Sequence[int]] = None,
+                     dtype: Union[str, torch.dtype] = torch.float32, device=None):
+    """A snapshot folder → ``(model, processor)`` holding only this rank's part of the layer split (the whole
+    snapshot is checked first; then only this rank's tensors are read). ``model.layer_split``: rank, world_size,
+    layers (start, end), all ranges; ``model.load_report``: bytes_read, snapshot_bytes."""
+    from vl2lab.weights.checkpoint import (SnapshotReader, _load_processor, _parameters_on_meta, _plan, _read_config, _state_tensors,
+                             materialise)
+    from vl2lab.parallel.groups import device as rank_device
+    from vl2lab.model.vl2 import DeepseekVL2ForCausalLM
+    from vl2lab.parallel.load import as_dtype, snapshot_bytes
+
+    dtype = as_dtype(dtype)
+    device = torch.device(device) if device is not None else rank_device()
+    cfg = _read_config(path)
+    rank, world = _rank_world(group)
+    ranges = layer_ranges(cfg.language_config.num_hidden_layers, world, sizes)
+    start, end = ranges[rank]
+    with SnapshotReader(os.fspath(path)) as reader:
+        with _parameters_on_meta(), torch.random.fork_rng(devices=[]):
+            model = DeepseekVL2ForCausalLM(cfg)
+        _plan(model, reader)                                        # CheckpointError before anything is read
+        _prune(model, rank, world, start, end)
+        materialise(reader, list(_state_tensors(model)), dtype, device)
+        bytes_read = reader.bytes_read
+    for mod in model.modules():                                     # non-persistent buffers (position ids)
+        for n in mod._non_persistent_buffers_set:
+            if mod._buffers.get(n) is not None:
+                mod._buffers[n] = mod._buffers[n].to(device)
+    model.eval()
+    model.layer_split = {"rank": rank, "world_size": world, "layers": (start, end), "ranges": ranges}
+    model.load_report = {"bytes_read": bytes_read, "snapshot_bytes": snapshot_bytes(path)}
+    processor = _load_processor(os.fspath(path))
+    if processor is not None and getattr(processor, "pad_id", None) is not None:
+        model.pad_token_id = int(processor.pad_id)
+    return model, processor
+
+
+class PipelineLM:
+    """This rank's stage of the language model, called the way :func:`vl2lab.model.generation.generate` calls a
+    language model: ``(input_ids | inputs_embeds, attention_mask, cache, num_logits_to_keep) → (logits, cache)``.
+
+    Records ``intervals`` [(t_start, t_end)] of this rank's own compute per forward (after the receive, before
+    the send; CUDA is synchronised at both ends, so an interval is real work) and the bytes it sent."""
+
+    def __init__(self, model, group=None, keep_first_logits: bool = False):
+        from vl2lab.model.attention import KVCache
+
+        self.model, self.group, self._cache_cls = model, group, KVCache
+        self.lm = model.language
+        self.config = self.lm.config
+        self.rank, self.world = _rank_world(group)
+        self.last = self.world - 1
+        p = next(model.parameters())                                # every rank holds something
+        self.dtype, self.device = p.dtype, p.device
+        self.intervals: list[tuple[float, float]] = []
+        self.sent_bytes = self.broadcast_bytes = 0
+        self.keep_first_logits, self.first_logits = keep_first_logits, None
+
+    def _peer(self, r: int) -> int:
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def new_cache(self, max_len: int):
+        """A KV cache indexed by the global layer number; only this rank's layers ever write to it."""
+        return self._cache_cls(self.config.num_hidden_layers, max_len)
+
+    @torch.no_grad()
+    def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None,
+                 num_logits_to_keep: int = 0, **ignored):
+        lm = self.lm
+        ref = inputs_embeds if input_ids is None else input_ids
+        B, T = ref.shape[:2]                                        # [B, T] new positions
+        past = attention_mask.shape[1] - T                          # cached positions before this forward
+        if self.rank == 0:
+            x = inputs_embeds if input_ids is None else lm.embed(input_ids)          # [B, T, H]
+        else:
+            x = torch.empty(B, T, self.config.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=self._peer(self.rank - 1), group=self.group)
+        self._sync()
+        t0 = time.perf_counter()
+        positions, mask = attention_inputs(attention_mask, past, T, x.device)       # [B, T], [B, 1, T, Tk]
+        x = lm.layers_forward(x, positions, mask, cache, layers=lm.model.layers.values())
+        k = num_logits_to_keep or T
+        if self.rank == self.last:
+            logits = lm.head(x[:, -k:])                                             # [B, k, V] fp32
+        else:
+            logits = torch.empty(B, k, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        self._sync()
+        self.intervals.append((t0, time.perf_counter()))
+        if self.rank != self.last:
+            dist.send(x.contiguous(), dst=self._peer(self.rank + 1), group=self.group)
+            self.sent_bytes += x.numel() * x.element_size()
+        if self.world > 1:
+            dist.broadcast(logits, src=self._peer(self.last), group=self.group)
+            self.broadcast_bytes += logits.numel() * logits.element_size()
+        if self.keep_first_logits and self.first_logits is None:
+            self.first_logits = logits.cpu()
+        return logits, cache
+
+
+@torch.no_grad()
+def generate(model, batch, max_new_tokens: int = 32, group=None, stage: Optional[PipelineLM] = None,
+             **kwargs) -> torch.Tensor:
+    """Greedy (or sampled, ``kwargs`` as in :func:`vl2lab.model.generation.generate`) tokens [B, N] on every rank
+    of the layer split. ``batch``: the processor's output (every rank builds it; only rank 0 reads the images).
+    ``stage``: a :class:`PipelineLM` to reuse (its ``intervals`` then accumulate)."""
+    from vl2lab.model.generation import generate as _generate
+
+    stage = stage or PipelineLM(model, group)
+    ids = batch["input_ids"].to(stage.device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(stage.device)
+    if stage.rank == 0:
+        embeds = model.prepare_inputs_embeds(ids, batch.get("images"), batch.get("images_seq_mask"),
+                                             batch.get("images_spatial_crop"))
+    else:
+        embeds = torch.empty(*ids.shape, 0, device=stage.device)     # only its shape [B, T] is read
+    cfg = stage.config
+    pad = kwargs.pop("pad_token_id", None)
+    pad = pad if pad is not None else getattr(model, "pad_token_id", None)
+    if pad is None:
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    kwargs.setdefault("eos_token_id", cfg.eos_token_id)
+    return _generate(stage, embeds, mask, max_new_tokens, pad_token_id=pad, **kwargs)
+
+
+def describe(model) -> dict:
+    """What this rank holds: its layers, whether it has the vision side / embedding / head, parameter bytes."""
+    from vl2lab.parallel.shard import param_bytes
+
+    s = model.layer_split
+    return {"rank": s["rank"], "world_size": s["world_size"], "layers": s["layers"],
+            "vision": model.vision is not None, "embedding": model.language.model.embed_tokens is not None,
+            "head": model.language.lm_head is not None, "param_bytes": param_bytes(model)}
+
+
+def check_layer_split(model: str = "random-tiny", sizes: Optional[Sequence[int]] = None, max_new_tokens: int = 8,
+                      seed: int = 0, dtype: str = "float32", group=None) -> dict:
+    """Rank function: the layer split of ``model`` (a snapshot folder, or a preset: random weights written by rank
+    0 to a temp folder) against the whole model on one device, on the processor batches of
+    :func:`vl2lab.lessons.sharded_vs_dense.compare_all` ('single': one image + prompt; 'pair': two left-padded prompts).
+    Returns this rank's holding (``holds``), both token sets, ``tokens_equal``, ``logits_exact`` (the prefill
+    logits, computed by the last rank and broadcast, bit-identical to one device's), and the 'single' request's
+    compute intervals and bytes sent."""
+    from vl2lab.weights.checkpoint import load_pretrained
+    from vl2lab.lessons.sharded_vs_dense import _batches, _cleanup, _generate, _snapshot
+    from vl2lab.parallel.load import as_dtype
+    from vl2lab.parallel.shard import param_bytes
+
+    dt = as_dtype(dtype)
+    path, made = _snapshot(model, seed, group)
+    try:
+        split, processor = load_layer_split(path, group=group, sizes=sizes, dtype=dt)
+        device = next(split.parameters()).device
+        dense, _ = load_pretrained(path, dtype=dt, device=device)
+    finally:
+        _cleanup(path, made, group)
+    out = {"holds": describe(split), "dense_param_bytes": param_bytes(dense), "tokens": {}, "dense_tokens": {},
+           "tokens_equal": True, "logits_exact": True}
+    for name, batch in _batches(processor, True, device).items():
+        stage = PipelineLM(split, group, keep_first_logits=True)
+        tokens = generate(split, batch, max_new_tokens, group=group, stage=stage).cpu()
+        ref_tokens, ref_logits, _ = _generate(dense, batch, max_new_tokens)
+        out["tokens"][name], out["dense_tokens"][name] = tokens, ref_tokens
+        out["tokens_equal"] &= bool(torch.equal(tokens, ref_tokens))
+        out["logits_exact"] &= bool(torch.equal(stage.first_logits, ref_logits))
+        if name == "single":
+            out.update(intervals=list(stage.intervals), sent_bytes=stage.sent_bytes,
+                       broadcast_bytes=stage.broadcast_bytes)
+    return out

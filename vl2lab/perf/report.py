@@ -1,0 +1,183 @@
+"""Recorded tuning-ladder runs → tables: every rung beside the first one, the floor and the targets.
+
+Lesson: notebook 05, sections "The ladder" and "Targets".
+
+A ladder JSON (``python -m vl2lab.perf.ladder --out FILE``) holds ``runs`` (one per rung × batch), the device's measured
+ceilings and the workload's ``floor`` (see :mod:`vl2lab.perf.roofline`). Several files of one model (runs cut in parts,
+on the same machine type) are read together; a rung measured twice keeps its latest measurement.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "results", "h200-1gpu")
+
+__all__ = ["RESULTS_DIR", "TARGETS", "load", "rows", "target_rows", "peer_rows", "profile_rows", "table", "explore"]
+
+# What the tuned path should reach on one H200 (bf16, random weights at real size): (metric, batch) → (bound, value)
+TARGETS = {
+    "deepseek-vl2-tiny": {("decode_ms_per_step", 1): ("<=", 0.5), ("images_per_s", 32): (">=", 100.0)},
+    "deepseek-vl2-small": {("decode_ms_per_step", 1): ("<=", 2.0), ("decode_ms_per_step", 32): ("<=", 10.0),
+                           ("images_per_s", 32): (">=", 35.0)},
+    "vision tower": {("tiles_per_s", 32): (">=", 700.0)},
+}
+SPEEDUP_TARGET = 20.0            # the last rung against the first, same machine, same workload
+
+
+def load(folder: str, model: str) -> dict:
+    """Every ``ladder_<model>_*.json`` in ``folder`` merged (in file-name order): runs, floor, ceilings, peer,
+    profiles, environment."""
+    files = sorted(glob.glob(os.path.join(folder, f"ladder_{model}_*.json")))
+    if not files:
+        raise FileNotFoundError(f"no ladder results for {model} in {folder}: run `python -m vl2lab.perf.ladder "
+                                f"--model {model} --out {folder}/ladder_{model}_1.json` on the GPU machine")
+    merged = {"model": model, "runs": {}, "floor": {}, "peer": [], "profiles": [], "files": files}
+    for fn in files:
+        with open(fn) as f:
+            r = json.load(f)
+        for run in r["runs"]:
+            if "error" not in run:
+                merged["runs"][(run["rung"], run["batch"])] = run
+        merged["floor"].update(r.get("floor", {}))
+        merged["peer"] += [p for p in r.get("peer", []) if "error" not in p]
+        merged["profiles"] += r.get("profiles", [])
+        merged["environment"], merged["ceilings"] = r["environment"], r["ceilings"]
+    return merged
+
+
+def rows(merged: dict) -> list[dict]:
+    """One row per (rung, batch): prefill ms, decode ms/step, images/s, vision tiles/s, speed-up of decode and of
+    images/s against rung 1 at that batch, and the floor."""
+    runs = merged["runs"]
+    out = []
+    for (rung, b), r in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        first = next((x for (n, bb), x in runs.items() if bb == b and n.startswith("1 ")), None)
+        nan = float("nan")
+        floor = merged["floor"].get(str(b), {})
+        out.append({"rung": rung, "batch": b, "prefill_ms": r["prefill_s"]["median"] * 1e3,
+                    "decode_ms_per_step": r["decode_ms_per_step"], "images_per_s": r["images_per_s"],
+                    "tiles_per_s": r["tiles_per_s"],
+                    "decode_speedup": first["decode_ms_per_step"] / r["decode_ms_per_step"] if first else nan,
+                    "images_speedup": r["images_per_s"] / first["images_per_s"] if first else nan,
+                    "floor_decode_ms": floor.get("decode_s_per_step", float("nan")) * 1e3,
+                    "floor_images_per_s": floor.get("images_per_s", float("nan"))})
+    return out
+
+
+def _best(merged: dict, metric: str, batch: int) -> tuple:
+    cands = [(r["rung"], r[metric]) for (n, b), r in merged["runs"].items() if b == batch]
+    if not cands:
+        return None, float("nan")
+    pick = min if metric == "decode_ms_per_step" else max
+    return pick(cands, key=lambda c: c[1])
+
+
+def target_rows(results: dict) -> list[dict]:
+    """``results`` maps model name → merged ladder; one row per target: reached, best rung, floor, verdict."""
+    out = []
+    for model, targets in TARGETS.items():
+        sources = results.items() if model == "vision tower" else [(model, results.get(model))]
+        for (metric, b), (bound, value) in targets.items():
+            best_rung, best = None, float("nan")
+            for name, merged in sources:
+                if merged is None:
+                    continue
+                rung, v = _best(merged, metric, b)
+                better = (v < best if bound == "<=" else v > best) if best == best else True
+                if rung is not None and better:
+                    best_rung, best = f"{name}: {rung}" if model == "vision tower" else rung, v
+            floor = float("nan")
+            m = results.get(model)
+            if m is not None and metric == "decode_ms_per_step":
+                floor = m["floor"].get(str(b), {}).get("decode_s_per_step", float("nan")) * 1e3
+            elif m is not None and metric == "images_per_s":
+                floor = m["floor"].get(str(b), {}).get("images_per_s", float("nan"))
+            met = best <= value if bound == "<=" else best >= value
+            out.append({"model": model, "metric": metric, "batch": b, "target": f"{bound} {value:g}",
+                        "reached": best, "floor": floor, "met": bool(met), "best_rung": best_rung})
+    for model, merged in results.items():
+        for b in sorted({b for (_, b) in merged["runs"]}):
+            rs = [r for r in rows(merged) if r["batch"] == b and r["decode_speedup"] == r["decode_speedup"]]
+            if not rs:
+                continue                                  # no rung 1 at this batch size
+            last = min(rs, key=lambda r: r["decode_ms_per_step"])
+            out.append({"model": model, "metric": "decode speed-up vs rung 1", "batch": b,
+                        "target": f">= {SPEEDUP_TARGET:g}", "reached": last["decode_speedup"], "floor": float("nan"),
+                        "met": last["decode_speedup"] >= SPEEDUP_TARGET, "best_rung": last["rung"]})
+    return out
+
+
+def peer_rows(results: dict) -> list[dict]:
+    """transformers' own LM (same machine, same run as the last rungs) beside vl2lab's best decode."""
+    out = []
+    for model, merged in results.items():
+        for p in merged["peer"]:
+            rung, best = _best(merged, "decode_ms_per_step", p["batch"])
+            out.append({"model": model, "batch": p["batch"], "peer": p["peer"],
+                        "peer_decode_ms": p["decode_ms_per_step"], "vl2lab_decode_ms": best, "vl2lab_rung": rung,
+                        "ratio": p["decode_ms_per_step"] / best})
+    return out
+
+
+def profile_rows(merged: dict, top: int = 8) -> list[dict]:
+    """The recorded decode-step profiles (the latest of each rung): per profile, its totals and top kernels."""
+    out = []
+    latest = {p["rung"]: p for p in merged["profiles"] if "error" not in p}
+    for p in latest.values():
+        for r in p["rows"][:top]:
+            out.append({"rung": p["rung"], "kernels_per_step": p["kernels_per_step"],
+                        "busy_us_per_step": p["device_busy_us"],
+                        "op": r["op"][:60], "calls": r["calls"], "self_us": r["self_us"], "category": r["category"]})
+    return out
+
+
+_COLUMNS = ("rung", "batch", "prefill_ms", "decode_ms_per_step", "images_per_s", "tiles_per_s", "decode_speedup",
+            "floor_decode_ms")
+
+
+def table(merged: dict, batch=None, columns=_COLUMNS) -> str:
+    """The rows of one model (one batch size, or all) as text."""
+    from vl2lab.planner.sizing import format_table
+    rs = [r for r in rows(merged) if batch is None or r["batch"] == batch]
+    return format_table([{k: r[k] for k in columns} for r in rs], floatfmt="{:.2f}")
+
+
+def explore(results: dict, model: str | None = None, batch: int = 1):
+    """Print the default view (``model`` at ``batch``), then, in a Jupyter kernel, an ipywidgets panel to pick
+    the model, the batch size and the metric to plot. Returns the panel (None without ipywidgets)."""
+    model = model or next(iter(results))
+    print(f"{model}, batch {batch}:\n{table(results[model], batch)}")
+    try:
+        import ipywidgets as W
+    except ImportError:
+        return None
+    import matplotlib.pyplot as plt
+
+    from vl2lab.workbook.plots import plot_ladder
+
+    pick_model = W.Dropdown(options=list(results), value=model, description="model")
+    batches = lambda m: sorted({b for (_, b) in results[m]["runs"]})  # noqa: E731
+    pick_batch = W.Dropdown(options=batches(model), value=batch, description="batch")
+    pick_metric = W.Dropdown(options=["decode_ms_per_step", "images_per_s", "prefill_ms", "tiles_per_s"],
+                             value="decode_ms_per_step", description="metric")
+    out = W.Output()
+
+    def render(_=None):
+        if pick_batch.value not in batches(pick_model.value):
+            pick_batch.options = batches(pick_model.value)
+            return                                    # the options change triggers render again
+        with out:
+            out.clear_output(wait=True)
+            print(table(results[pick_model.value], pick_batch.value))
+            fig = plot_ladder({pick_model.value: rows(results[pick_model.value])}, pick_metric.value,
+                              pick_batch.value)
+            plt.show(fig)
+
+    for w in (pick_model, pick_batch, pick_metric):
+        w.observe(render, names="value")
+    render()
+    box = W.VBox([W.HBox([pick_model, pick_batch, pick_metric]), out])
+    from vl2lab.workbook.widgets import show
+    return show(box, "[results explorer: pick a model, a batch size and a metric]")

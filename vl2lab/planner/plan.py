@@ -1,0 +1,433 @@
+"""The planner: will a real DeepSeek-VL2 fit my GPUs, and how should I split it?
+
+``plan(variant, dtype, gpu_gb, n_gpus, batch, images_per_prompt, image_size, context)`` turns a workload into
+bytes per GPU with :mod:`vl2lab.planner.sizing` (no maths of its own) for one GPU and for every legal layout of the GPUs,
+picks one, and writes the commands that run it (vl2lab, vLLM, SGLang). ``article_claims()`` checks the source
+article's size claims; ``panel()`` / ``show_planner()`` are the notebook's interactive form of the same thing.
+
+Request length (what one sequence holds), from :func:`vl2lab.inputs.tiling.image_layout`::
+
+    L = n_images · N_img + text_tokens + new_tokens      N_img = 421 (1 tile) … 2101 (1×9 tiles); with ≥ 3
+                                                          images no image is tiled: 421 each (official rule)
+
+L must fit the context (4096, the trained length). KV cache and activations are sized for ``context`` tokens
+per sequence (what a server with ``--max-model-len context`` must hold for a full-length request), or for L
+when ``context=None``. Per GPU: total = weights + KV + activations ≤ usable = gpu · (1 − margin) − 0.5 GB, the
+activations being one prefill of every in-flight sequence at full length (an upper bound: servers chunk it).
+``gpu_gb`` is read as 10⁹ bytes, which is conservative: an "80 GB" A100/H100 has 80 GiB = 85.9·10⁹ bytes.
+
+A layout is (tp, ep, dp, moe) with tp·dp = n_gpus: dp replicas of a tp-rank group; moe="tp" splits every
+expert by width over the group, moe="ep" places whole experts, over the group (ep = tp) or over all GPUs
+(ep = n_gpus: data-parallel attention with shared experts, vLLM's ``--data-parallel-size --enable-expert-parallel``).
+``batch`` is the number of sequences in flight on the whole deployment; each replica takes ceil(batch/dp).
+
+Lesson: notebook 01, section "Will it fit? The planner".
+"""
+from __future__ import annotations
+
+import html
+import json
+import sys
+from dataclasses import dataclass, field
+
+from vl2lab.planner import sizing as S
+from vl2lab.model.config import ConfigError, REAL_PRESETS, get_config, preset_name
+
+DTYPES = ("bfloat16", "float16", "float32")
+VISION = {"replicated": "replicated", "dp": "data_parallel", "data_parallel": "data_parallel", "tp": "tp"}
+
+
+class PlanError(ValueError):
+    """A workload the planner cannot size (the message says what to change)."""
+
+
+def parse_image_size(size) -> tuple[int, int]:
+    """(w, h), [w, h] or "WxH" → (w, h) positive ints."""
+    try:
+        w, h = (size.lower().replace("×", "x").split("x") if isinstance(size, str) else size)
+        w, h = int(w), int(h)
+    except (ValueError, TypeError, AttributeError):
+        raise PlanError(f"image size {size!r} is not WIDTHxHEIGHT (e.g. 768x768 or (768, 768))") from None
+    if w < 1 or h < 1:
+        raise PlanError(f"image size {w}x{h}: both sides must be at least 1 pixel")
+    return w, h
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` found. Byte fields are bytes; ``layouts`` rows are sorted by the recommendation rule."""
+    cfg: object
+    settings: dict
+    request: dict
+    usable: float
+    single: dict
+    layouts: list
+    recommended: dict | None
+    warnings: list = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------------------ lookups
+    def layout(self, tp: int, moe: str = "tp", ep: int | None = None) -> dict:
+        """The row of layout (tp, moe[, ep]) (fitting or not); PlanError if it is not a legal layout here."""
+        for r in self.layouts:
+            if r["tp"] == tp and r["moe"] == moe and (ep is None or r["ep"] == ep):
+                return r
+        legal = sorted({(r["tp"], r["moe"], r["ep"]) for r in self.layouts})
+        raise PlanError(f"no legal layout tp={tp} moe={moe} ep={ep} for {self.cfg.name} on "
+                        f"{self.settings['n_gpus']} GPUs; legal (tp, moe, ep): {legal}")
+
+    # ------------------------------------------------------------------------------------------- output
+    def table(self) -> str:
+        """Deterministic plain-text report: the request, one GPU, every layout, the pick and the warnings."""
+        s, r, c = self.settings, self.request, S.param_counts(self.cfg)
+        n = s["images_per_prompt"]
+        img = (f"{n} image{'s' if n > 1 else ''} {r['image_size'][0]}x{r['image_size'][1]} -> "
+               f"{r['tiles_per_image'][0]}x{r['tiles_per_image'][1]} tiles + global = {r['vit_passes']} ViT "
+               f"passes, {r['image_tokens']} tokens each" if s["images_per_prompt"] else "no image")
+        rows = ([_fmt(self.single, "1 GPU")] if s["n_gpus"] > 1 else []) + \
+            [_fmt(x, "* pick" if x is self.recommended else "") for x in self.layouts]
+        lines = [f"{self.cfg.name}: {c['total'] / 1e9:.2f}B parameters ({c['activated'] / 1e9:.2f}B activated), "
+                 f"{s['dtype']}",
+                 f"GPUs: {s['n_gpus']} x {s['gpu_gb']:g} GB, usable {S.gb(self.usable):.2f} GB each "
+                 f"(= {s['gpu_gb']:g} x {1 - s['margin']:g} - {S.gb(S.CUDA_CONTEXT_BYTES):g} CUDA context)",
+                 f"request: {img}; + {s['text_tokens']} text + {s['new_tokens']} new = {r['seq_len']} tokens",
+                 f"sized per sequence: {r['planned_len']} tokens"
+                 f" ({'context' if s['context'] else 'request length'}), {_n(s['batch'], 'sequence')} in flight",
+                 "", S.format_table(rows, floatfmt="{:.2f}"), ""]
+        if self.recommended:
+            x = self.recommended
+            lines.append(f"pick: tp={x['tp']} ep={x['ep']} dp={x['dp']} moe={x['moe']}: {_n(x['group'], 'GPU')} per "
+                         f"model copy, {_n(x['batch_per_replica'], 'sequence')} each, "
+                         f"{S.gb(x['headroom']):.2f} GB free per GPU")
+        else:
+            lines.append("pick: none fits; " + self.request["hint"])
+        lines += ["rule: fewest GPUs per model copy, then TP-split experts before EP, then the smallest per-GPU "
+                  "total; the other GPUs become data-parallel replicas"]
+        lines += [f"vLLM can't: tp={t} ({why})" for t, why in
+                  dict.fromkeys((x["tp"], x["vllm_problem"]) for x in self.layouts if x["vllm_problem"])]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def commands(self, layout: dict | None = None, model_path: str | None = None, image: str = "image.jpg",
+                 prompt: str = "Describe this image.") -> dict:
+        """Shell lines ({"vl2lab", "vllm", "sglang"[, "multinode"]}) for ``layout`` (default: the pick)."""
+        lay = layout or self.recommended
+        if lay is None:
+            raise PlanError("no layout fits, so there is nothing to launch; " + self.request["hint"])
+        from vl2lab.planner.commands import multinode_lines, sglang_lines, vl2lab_lines, vllm_lines
+
+        model = model_path or f"./{self.cfg.name}"
+        out = {"vl2lab": vl2lab_lines(self, lay, model, image, prompt), "vllm": vllm_lines(self, lay),
+               "sglang": sglang_lines(self, lay)}
+        if self.settings["n_gpus"] > self.settings["gpus_per_node"]:
+            out["multinode"] = multinode_lines(self, lay, model, image, prompt)
+        return out
+
+    def commands_text(self, layout: dict | None = None, **kw) -> str:
+        if (layout or self.recommended) is None:
+            return "commands: none (no layout fits)"
+        return "\n".join(f"[{k}]\n" + "\n".join(v) for k, v in self.commands(layout, **kw).items())
+
+    def to_dict(self) -> dict:
+        """JSON-ready: settings, request, GB figures of every row, the pick, warnings and commands."""
+        gbrow = lambda x: {k: (round(S.gb(v), 3) if k in _BYTES else v) for k, v in x.items()
+                           if k != "weight_parts"}
+        return {"variant": self.cfg.name, "settings": {**self.settings, "moe_modes": list(self.settings["moe_modes"])},
+                "request": self.request, "usable_GB": round(S.gb(self.usable), 3), "single_gpu": gbrow(self.single),
+                "layouts": [gbrow(x) for x in self.layouts],
+                "recommended": gbrow(self.recommended) if self.recommended else None,
+                "warnings": self.warnings, "commands": self.commands() if self.recommended else None}
+
+
+_BYTES = ("weights", "kv_cache", "activations", "total", "headroom", "weights_replicated", "weights_sharded",
+          "usable")
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'s' if k != 1 else ''}"
+
+
+def _fmt(x: dict, case: str) -> dict:
+    return {"case": case, "tp": x["tp"], "ep": x["ep"], "dp": x["dp"], "moe": x["moe"], "gpus/model": x["group"],
+            "seqs/model": x["batch_per_replica"], "weights_GB": S.gb(x["weights"]), "kv_GB": S.gb(x["kv_cache"]),
+            "act_GB": S.gb(x["activations"]), "total_GB": S.gb(x["total"]), "free_GB": S.gb(x["headroom"]),
+            "fits": "yes" if x["fits"] else "no", "vLLM": "no" if x["vllm_problem"] else "yes"}
+
+
+# ---------------------------------------------------------------------------------------------- the planner
+
+def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: float = 80, n_gpus: int = 4,
+         batch: int = 1, images_per_prompt: int = 1, image_size=(768, 768), context: int | None = 4096,
+         moe_modes=("tp", "ep"), vision: str = "replicated", margin: float = 0.10, *, text_tokens: int = 64,
+         new_tokens: int = 512, gpus_per_node: int = 8, uneven_heads: bool = True) -> Plan:
+    """Size ``variant`` on ``n_gpus`` GPUs of ``gpu_gb`` GB for ``batch`` sequences of ``images_per_prompt``
+    images of ``image_size`` (w, h) plus ``text_tokens`` prompt tokens and ``new_tokens`` generated ones.
+
+    Layouts: every tp legal for vl2lab (``uneven_heads=True``: heads may split unevenly, 10 heads on 4 ranks as
+    3,3,2,2; the FFN widths must divide) with tp | n_gpus, dp = n_gpus/tp, moe in ``moe_modes`` (ep ∈ {tp,
+    n_gpus}, ep | experts). Each row: per-GPU weights / KV / activations / total, ``fits``, ``group`` (GPUs per
+    model copy: tp, or max(tp, ep) for EP), ``vllm_problem`` (why vLLM cannot run that tp, or None).
+
+    Recommendation: the fitting layout with the fewest GPUs per model copy; ties go to TP-split experts (no
+    all-to-all), then to the smallest per-GPU total (most room for more sequences); the remaining GPUs become
+    data-parallel replicas, so all GPUs serve. At these sizes a decode step is bound by reading the weights, so
+    independent replicas multiply throughput almost linearly, while every TP rank adds two all-reduces per layer
+    per token: TP buys latency (and room), DP buys throughput. When nothing fits, ``request["hint"]`` says how
+    many such GPUs one copy needs."""
+    try:
+        cfg = get_config(preset_name(variant))
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    if dtype not in DTYPES:
+        raise PlanError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if vision not in VISION:
+        raise PlanError(f"vision {vision!r}: use replicated, dp or tp")
+    moe_modes = tuple(moe_modes)
+    if not moe_modes or any(m not in ("tp", "ep") for m in moe_modes):
+        raise PlanError(f"moe_modes {moe_modes!r}: use ('tp',), ('ep',) or ('tp', 'ep')")
+    moe_modes = tuple(m for m in ("tp", "ep") if m in moe_modes)
+    for name, v, lo in (("n_gpus", n_gpus, 1), ("batch", batch, 1), ("images_per_prompt", images_per_prompt, 0),
+                        ("text_tokens", text_tokens, 0), ("new_tokens", new_tokens, 0),
+                        ("gpus_per_node", gpus_per_node, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise PlanError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not (isinstance(gpu_gb, (int, float)) and gpu_gb > 0) or not 0 <= margin < 1:
+        raise PlanError(f"gpu_gb must be > 0 and margin in [0, 1); got gpu_gb={gpu_gb!r}, margin={margin!r}")
+    w, h = parse_image_size(image_size)
+    from vl2lab.inputs.tiling import image_layout
+    lay = image_layout(w, h, n_images=max(images_per_prompt, 1))
+    n_img_tok = images_per_prompt * lay["tokens"]
+    seq_len = n_img_tok + text_tokens + new_tokens
+    trained = cfg.language_config.max_position_embeddings
+    cap = context or trained
+    warnings = []
+    if context is not None and (not isinstance(context, int) or context < 1):
+        raise PlanError(f"context must be a positive integer or None, got {context!r}")
+    if cap > trained:
+        warnings.append(f"context {cap} exceeds the trained {trained} tokens (the model card says 8192 'might "
+                        "work'; quality is not guaranteed)")
+    if seq_len > cap:
+        raise PlanError(
+            f"the request needs {seq_len} tokens ({images_per_prompt} x {lay['tokens']} image tokens for "
+            f"{w}x{h} + {text_tokens} text + {new_tokens} new) but the context is {cap}; use fewer or smaller "
+            f"images (with 3 or more images each costs {image_layout(w, h, 3)['tokens']}), fewer new tokens, or "
+            f"a larger context (above {trained} is untested)")
+    planned = context or seq_len
+    tiles = images_per_prompt * lay["vit_passes"]
+    vis = VISION[vision]
+    work = dict(batch=batch, seq_len=planned, tiles=tiles, dtype=dtype, vision=vis)
+    usable = S.usable_bytes(gpu_gb * 1e9, margin)
+
+    def row(tp, ep, dp, moe):
+        x = S.layout_bytes(cfg, tp=tp, ep=ep, dp=dp, moe=moe, **work)
+        vllm = S.legal_tp_sizes(cfg, max(tp, 16), allow_uneven_heads=False, moe=moe, split_vision_mlp=True)
+        return {**x, "group": tp if moe == "tp" else max(tp, ep), "fits": x["total"] <= usable,
+                "headroom": usable - x["total"], "vllm_problem": vllm.rejected.get(tp)}
+
+    single = row(1, 1, 1, "tp")
+    rows = []
+    eps = S.legal_ep_sizes(cfg, max_ep=n_gpus)
+    tp_ok = S.legal_tp_sizes(cfg, n_gpus, uneven_heads, moe="tp", split_vision_mlp=vis == "tp")
+    for tp in S.legal_tp_sizes(cfg, n_gpus, uneven_heads, moe="ep", split_vision_mlp=vis == "tp"):
+        if n_gpus % tp:
+            continue
+        cands = [("tp", 1)] if "tp" in moe_modes and tp in tp_ok else []
+        if "ep" in moe_modes and cfg.language_config.is_moe:
+            cands += [("ep", e) for e in sorted({tp, n_gpus}) if e > 1 and e in eps]
+        rows += [row(tp, ep, n_gpus // tp, moe) for moe, ep in cands]
+    rows.sort(key=lambda x: (not x["fits"], x["group"], x["moe"] != "tp", x["total"], x["tp"]))
+    best = rows[0] if rows and rows[0]["fits"] else None
+    request = {"image_size": [w, h], "tiles_per_image": list(lay["tiles"]), "vit_passes": lay["vit_passes"],
+               "image_tokens": lay["tokens"], "seq_len": seq_len, "planned_len": planned,
+               "hint": _hint(cfg, usable, work, gpu_gb) if best is None else ""}
+    if best and best["vllm_problem"]:
+        warnings.append(f"the pick tp={best['tp']} runs in vl2lab (uneven heads) but not in vLLM/SGLang: "
+                        f"{best['vllm_problem']}")
+    settings = dict(variant=cfg.name, dtype=dtype, gpu_gb=gpu_gb, n_gpus=n_gpus, batch=batch,
+                    images_per_prompt=images_per_prompt, image_size=[w, h], context=context, moe_modes=moe_modes,
+                    vision=vision, margin=margin, text_tokens=text_tokens, new_tokens=new_tokens,
+                    gpus_per_node=gpus_per_node, uneven_heads=uneven_heads)
+    return Plan(cfg, settings, request, usable, single, rows, best, warnings)
+
+
+def _hint(cfg, usable, work, gpu_gb) -> str:
+    """How many GPUs of this size one model copy needs (smallest legal tp, experts by width or EP)."""
+    for tp in S.legal_tp_sizes(cfg, 256, True, moe="ep"):
+        for moe in ("tp", "ep"):
+            ep = tp if moe == "ep" else 1
+            try:
+                if S.layout_bytes(cfg, tp=tp, ep=ep, moe=moe, **work)["total"] <= usable:
+                    return (f"one copy needs tp={tp} (moe={moe}) on {gpu_gb:g} GB GPUs: use {tp} or a multiple, "
+                            "larger GPUs, a smaller batch or a shorter context")
+            except ValueError:
+                continue
+    return "no tensor-parallel size up to 256 fits: use larger GPUs, a smaller batch or a shorter context"
+
+
+# ----------------------------------------------------------------------------------------- article claims
+
+class ClaimsTable(list):
+    """Rows {claim, reality, verdict}; ``table()`` (and ``str``) is the plain-text form."""
+
+    def table(self) -> str:
+        return "\n\n".join(f"claim:   {r['claim']}\nreality: {r['reality']}\nverdict: {r['verdict']}" for r in self)
+
+    __str__ = table
+
+
+def article_claims() -> ClaimsTable:
+    """The source article's size and memory claims, checked with :mod:`vl2lab.planner.sizing`."""
+    cfgs = [get_config(n) for n in REAL_PRESETS]
+    c = [S.param_counts(x) for x in cfgs]
+    wb = [S.gb(S.weight_bytes(x, "bfloat16")) for x in cfgs]
+    tiny, small, base = cfgs
+    u80, u40 = S.usable_bytes(80e9), S.usable_bytes(40e9)
+    work = dict(batch=1, seq_len=4096, tiles=10, dtype="bfloat16")
+    b80 = S.layout_bytes(base, **work)
+    s40 = S.layout_bytes(small, **work)
+    s40_hf = S.layout_bytes(small, attn="eager", logits="all", **work)
+    rows = [
+        {"claim": "13B parameters",
+         "reality": "no 13B variant: tiny / small / base have " + " / ".join(f"{x['total'] / 1e9:.2f}B" for x in c)
+                    + " parameters (published 3.37B / 16.1B / 27.5B), "
+                    + " / ".join(f"{x['activated'] / 1e9:.2f}B" for x in c) + " activated per token",
+         "verdict": "wrong"},
+        {"claim": "about 260 GB at FP16",
+         "reality": f"13e9 x 2 B = {13e9 * 2 / 1e9:.0f} GB, 10x less than claimed; the real 16-bit weights are "
+                    + " / ".join(f"{x:.2f}" for x in wb) + " GB (tiny / small / base)",
+         "verdict": "wrong (10x off even for its own count)"},
+        {"claim": "one A100 80GB can only hold part of the parameters",
+         "reality": f"base weights {wb[2]:.2f} GB < {S.gb(u80):.1f} GB usable; with batch 1 at 4096 tokens "
+                    f"(KV {S.gb(b80['kv_cache']):.2f} + activations {S.gb(b80['activations']):.2f} GB) "
+                    f"{S.gb(b80['total']):.2f} GB: the whole largest model fits one 80 GB GPU. Small on a 40 GB "
+                    f"card ({S.gb(u40):.1f} GB usable): weights {wb[1]:.2f} GB; vl2lab's path (SDPA, last-token "
+                    f"logits) needs {S.gb(s40['total']):.2f} GB, the official HF path (eager attention, logits for "
+                    f"every position) {S.gb(s40_hf['total']):.2f} GB, which is why the official README fits small "
+                    f"on 40 GB only with chunked prefill (chunk_size=512); tiny ({wb[0]:.2f} GB) fits easily",
+         "verdict": "wrong (base fits one 80 GB GPU; small fits 40 GB only with chunked prefill)"},
+    ]
+    return ClaimsTable(rows)
+
+
+# --------------------------------------------------------------------------------------------- notebook UI
+
+_GPU_GB = (16, 24, 32, 40, 48, 80, 94, 141, 192)
+_SIZES = ("384x384", "768x768", "1152x1152", "1024x768", "1920x1080", "384x3456")
+_CONTEXTS = (("request length", None), ("2048", 2048), ("4096", 4096), ("8192", 8192))
+_MOE = (("tp and ep", ("tp", "ep")), ("tp only", ("tp",)), ("ep only", ("ep",)))
+
+
+def _report(**kw) -> str:
+    """Table + commands of ``plan(**kw)``, or the planner's error: what the panel and show_planner print."""
+    try:
+        p = plan(**kw)
+    except PlanError as e:
+        return f"error: {e}"
+    return p.table() + "\n\n" + p.commands_text()
+
+
+def panel(**defaults):
+    """An ipywidgets panel over :func:`plan`: every control re-plans on change and rewrites the report.
+    ``defaults`` are :func:`plan` keywords (variant, dtype, gpu_gb, n_gpus, batch, images_per_prompt,
+    image_size, context, moe_modes, vision, margin)."""
+    import ipywidgets as W
+
+    kw = {**_plan_defaults(), **defaults}
+    kw["variant"] = preset_name(kw["variant"])
+    kw["moe_modes"] = tuple(m for m in ("tp", "ep") if m in kw["moe_modes"])
+    kw["vision"] = {"data_parallel": "dp"}.get(kw["vision"], kw["vision"])
+    size = "{}x{}".format(*parse_image_size(kw["image_size"]))
+    opts = lambda seq, v: list(seq) + ([v] if v not in seq else [])
+    c = {"variant": W.Dropdown(options=[("tiny", "deepseek-vl2-tiny"), ("small", "deepseek-vl2-small"),
+                                        ("base", "deepseek-vl2")], value=kw["variant"], description="variant"),
+         "dtype": W.Dropdown(options=DTYPES, value=kw["dtype"], description="dtype"),
+         "gpu_gb": W.Dropdown(options=opts(_GPU_GB, kw["gpu_gb"]), value=kw["gpu_gb"], description="GPU GB"),
+         "n_gpus": W.IntSlider(value=kw["n_gpus"], min=1, max=max(16, kw["n_gpus"]), description="GPUs"),
+         "batch": W.IntSlider(value=kw["batch"], min=1, max=max(64, kw["batch"]), description="batch"),
+         "images_per_prompt": W.IntSlider(value=kw["images_per_prompt"], min=0, max=max(6, kw["images_per_prompt"]),
+                                          description="images"),
+         "image_size": W.Dropdown(options=opts(_SIZES, size), value=size, description="image px"),
+         "context": W.Dropdown(options=opts(_CONTEXTS, (str(kw["context"]), kw["context"]))
+                               if kw["context"] not in dict(_CONTEXTS).values() else _CONTEXTS,
+                               value=kw["context"], description="context"),
+         "moe_modes": W.Dropdown(options=_MOE, value=tuple(kw["moe_modes"]), description="MoE"),
+         "vision": W.Dropdown(options=("replicated", "dp", "tp"), value=kw["vision"], description="ViT")}
+    view = W.HTML()
+    fixed = {k: v for k, v in kw.items() if k not in c}
+
+    def render(_=None):
+        text = _report(**fixed, **{k: w.value for k, w in c.items()})
+        view.value = "<pre style='font-size:11px'>" + html.escape(text) + "</pre>"
+
+    for w in c.values():
+        w.observe(render, names="value")
+    render()
+    box = W.VBox([W.HBox(list(c.values())[:4]), W.HBox(list(c.values())[4:8]), W.HBox(list(c.values())[8:]), view])
+    box.controls, box.view = c, view
+    return box
+
+
+def _plan_defaults() -> dict:
+    import inspect
+    return {k: v.default for k, v in inspect.signature(plan).parameters.items()}
+
+
+def show_planner(**defaults):
+    """Notebook cell form: print the default setting's table and commands (deterministic: no widget events
+    involved, so papermill/nbval can check it), then display the interactive panel when running in a kernel
+    with ipywidgets. Returns the panel (or None without ipywidgets)."""
+    print(_report(**defaults))
+    try:
+        box = panel(**defaults)
+    except ImportError:
+        return None
+    from vl2lab.workbook.widgets import show
+    return show(box, "[planner panel: change a control to re-plan]")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def cli(argv=None) -> int:
+    """``python -m vl2lab plan ...``: print the table and the commands (or ``--json``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vl2lab plan",
+                                 description="Will DeepSeek-VL2 fit these GPUs, and how to split it.")
+    ap.add_argument("--variant", default="small", help="tiny | small | base (or a full preset name)")
+    ap.add_argument("--gpus", type=int, default=4, help="number of GPUs")
+    ap.add_argument("--gpu-gb", type=float, default=80, help="memory per GPU, GB")
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    ap.add_argument("--batch", type=int, default=1, help="sequences in flight (whole deployment)")
+    ap.add_argument("--images", type=int, default=1, help="images per prompt")
+    ap.add_argument("--image-size", default="768x768", help="WIDTHxHEIGHT of each image")
+    ap.add_argument("--context", default="4096", help="tokens per sequence to size for, or 'request'")
+    ap.add_argument("--text-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--moe-modes", default="tp,ep", help="tp,ep | tp | ep")
+    ap.add_argument("--vision", default="replicated", choices=("replicated", "dp", "tp"))
+    ap.add_argument("--margin", type=float, default=0.10)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--tp", type=int, help="print the commands of this layout instead of the pick")
+    ap.add_argument("--moe", choices=("tp", "ep"), default="tp", help="with --tp: how the experts are split")
+    ap.add_argument("--model-path", help="local snapshot folder for the vl2lab command")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of text")
+    a = ap.parse_args(argv)
+    try:
+        ctx = None if a.context in ("request", "none", "None") else int(a.context)
+    except ValueError:
+        print(f"vl2lab plan: error: --context {a.context!r} is not an integer or 'request'", file=sys.stderr)
+        return 2
+    try:
+        p = plan(a.variant, a.dtype, a.gpu_gb, a.gpus, a.batch, a.images, a.image_size, ctx,
+                 tuple(m.strip() for m in a.moe_modes.split(",") if m.strip()), a.vision, a.margin,
+                 text_tokens=a.text_tokens, new_tokens=a.new_tokens, gpus_per_node=a.gpus_per_node)
+        lay = p.layout(a.tp, a.moe) if a.tp else None
+        if a.json:
+            d = p.to_dict()
+            d["commands"] = p.commands(lay, a.model_path) if (lay or p.recommended) else None
+            print(json.dumps(d, indent=1, sort_keys=True))
+        else:
+            print(p.table() + "\n\n" + p.commands_text(lay, model_path=a.model_path))
+    except PlanError as e:
+        print(f"vl2lab plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0

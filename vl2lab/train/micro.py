@@ -1,0 +1,177 @@
+"""Rebuild vl2-micro, the small DeepSeek-VL2 that ships in ``vl2lab/assets/vl2-micro``, in one command::
+
+    python -m vl2lab.train.micro --out vl2lab/assets/vl2-micro [--world-size 2] [--tower-steps 2000] [--steps 900]
+
+Lesson: notebook 03, sections "1. The task and the model" and "4. A short training run".
+
+0. ``vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=W, ...)``: the SigLIP tower alone learns to
+   label every patch with the kind of shape under it (2000 steps of 2×4 scenes; ``--tower-steps 0`` skips this
+   stage and trains the tower end to end from random weights, with ``ddp.VISION_LR_MULT``).
+1. ``vl2lab.run("vl2lab.train.ddp:train", world_size=W, ...)``: DDP training on the shapes task (:mod:`vl2lab.train.scenes`,
+   one multi-turn dialogue per scene) with that tower frozen (``--vision-lr-mult 0``), checkpoints in ``--work``
+   (resumable, ``--resume``; a finished stage 0 is not run again). The recipe (defaults of
+   :func:`vl2lab.train.ddp.train` and of this command): the ``vl2-micro`` preset (24-pixel patches), AdamW lr 1e-3 with
+   a 50-step warm-up and a cosine to 5 %, 900 steps of 2×4 dialogues, scenes of 1 shape for the first 10 % of the
+   steps, at most 2 until 25 %, then 1–3 (``ddp.CURRICULUM``), and answers weighted by question type
+   (``ddp.QTYPE_WEIGHTS``: colour ×2, count ×3, left-of and grounding ×0.5).
+2. Export: the last checkpoint, cast to ``--dtype`` (``auto``: float32 if the weights stay under 10 MiB, else
+   bfloat16), saved as an official snapshot (config.json, model.safetensors, tokenizer files,
+   processor_config.json) in ``--out``.
+3. ``vl2lab.run("vl2lab.train.ddp:shard_eval", ...)`` on the exported folder (what ``load_pretrained`` gives a user),
+   scored per question type → ``eval.json``; a README.md with the numbers is written next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+__all__ = ["main", "export", "write_readme"]
+
+
+AUTO_FP32_BYTES = 10 * 2**20     # dtype "auto": float32 below this many weight bytes, bfloat16 above
+
+
+def export(checkpoint: str, out: str, dtype: str = "auto") -> dict:
+    """Checkpoint folder → snapshot folder ``out`` with weights in ``dtype`` (``auto``: float32 when 4 bytes per
+    parameter stay under 10 MiB, else bfloat16); returns size facts."""
+    import torch
+
+    from vl2lab.weights.checkpoint import load_pretrained
+
+    if dtype == "auto":
+        model, _ = load_pretrained(checkpoint)
+        dtype = "float32" if 4 * sum(p.numel() for p in model.parameters()) < AUTO_FP32_BYTES else "bfloat16"
+    model, processor = load_pretrained(checkpoint, dtype=getattr(torch, dtype))
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, processor=processor)
+    n = sum(p.numel() for p in model.parameters())
+    return {"params": n, "dtype": dtype, "weights_bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
+
+
+def write_readme(out: str, report: dict) -> None:
+    """A short README.md: what the folder is, how it was made, how well it does."""
+    ev, tr = report["eval"], report["train"]
+    rows = "\n".join(f"| {q} | {ev[q]['n']} | {ev[q]['accuracy']:.1%} |" for q in ("colour", "count", "left_of", "ground"))
+    g, t0 = ev["ground"], report.get("tower")
+    stage0 = ("0. No pre-trained tower: the tower learns from random weights with the rest." if not t0 else
+              f"0. The vision tower alone: every patch of the global view labelled with the kind of shape under it, "
+              f"{t0['steps']} steps of {tr['world_size']}×{t0['batch_size']} scenes "
+              f"({t0['wall_s'] / 60:.1f} min); eval patches on shapes labelled right: {t0['shape_patch_accuracy']:.1%}.")
+    vm = tr["vision_lr_mult"]
+    vision = "vision tower frozen" if vm == 0 else f"×{vm:g} for the vision tower"
+    text = f"""# vl2-micro
+
+A DeepSeek-VL2 (the `vl2-micro` preset of `vl2lab/model/config.py`: same modules and checkpoint layout as
+deepseek-vl2-tiny — SigLIP tower, 2×2 downsample + MLP projector, MHA + DeepSeekMoE language model — at a size that
+trains on two CPU cores) trained by this project from random weights on the synthetic shapes task of
+`vl2lab/train/scenes.py`. Load it like any snapshot: `model, processor = vl2lab.load_pretrained(path)`.
+
+Made by `{report['command']}` on {report['machine']}, in {tr['wall_s'] / 60:.1f} min of wall time and two stages:
+
+{stage0}
+1. The whole VL2 on the task, {tr['world_size']} ranks (DDP), {tr['steps']} steps of {tr['world_size']}×{tr['batch_size']} dialogues (one
+   scene of 1–3 shapes each; its count, which shapes, every shape's colour, a description — each kind then its
+   colour —, one left-of and one grounding question as a multi-turn chat), AdamW lr {tr['lr']} ({vision}; warm-up, cosine), curriculum (fraction of steps, most
+   shapes) {tr['curriculum']}, answer weights per question type {tr['qtype_weights']}, seed {tr['seed']}
+   ({tr['stage1_wall_s'] / 60:.1f} min).
+
+{report['params']:,} parameters, weights stored as {report['dtype']} ({report['weights_bytes'] / 2**20:.1f} MiB).
+
+Eval split ({ev['overall']['n']} questions, seeds disjoint from training, greedy decoding, exact match):
+
+| question type | n | accuracy |
+|---|---|---|
+{rows}
+
+Grounding boxes: mean IoU {g['mean_iou']:.2f}, IoU ≥ 0.5 for {g['iou50']:.1%}. All numbers are in `eval.json`.
+"""
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _machine(world: int) -> str:
+    """Where the ranks ran, in words ("one NVIDIA H200", "2 CPU cores (shared)")."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return f"one {name}" if world == 1 else f"{world} × {name}"
+    return f"{os.cpu_count()} CPU cores (shared)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vl2lab.train.micro", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="snapshot folder to write (e.g. vl2lab/assets/vl2-micro)")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--tower-steps", type=int, default=2000, help="stage 0 steps (0: no pre-trained tower)")
+    p.add_argument("--tower-batch-size", type=int, default=4, help="scenes per rank per stage-0 step")
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch-size", type=int, default=4, help="dialogues per rank per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--vision-lr-mult", type=float, default=None,
+                   help="the vision tower's lr as a multiple of --lr (default: 0, a frozen tower, after stage 0; "
+                        "ddp.VISION_LR_MULT without it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-n", type=int, default=400, help="eval questions (a quarter of each type)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights of the exported snapshot (auto: float32 under 10 MiB, else bfloat16)")
+    p.add_argument("--work", default=None, help="checkpoint folder (default: a folder in the temp dir)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --work from its last checkpoint")
+    p.add_argument("--timeout", type=float, default=3 * 3600)
+    a = p.parse_args(argv)
+
+    import vl2lab
+
+    from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, VISION_LR_MULT
+    from vl2lab.train.scenes import dataset, score
+    from vl2lab.train.tower import TOWER_FILE
+
+    work = a.work or os.path.join(tempfile.gettempdir(), f"vl2-micro-work-seed{a.seed}")
+    command = "python -m vl2lab.train.micro " + " ".join(argv if argv is not None else sys.argv[1:])
+    vmult = a.vision_lr_mult if a.vision_lr_mult is not None else (0.0 if a.tower_steps else VISION_LR_MULT)
+    tower, stage0 = "", None
+    t0 = time.time()
+    if a.tower_steps:
+        tower, facts = os.path.join(work, TOWER_FILE), os.path.join(work, "tower.json")
+        if not (a.resume and os.path.isfile(tower) and os.path.isfile(facts)):
+            r0 = vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=a.world_size, timeout=a.timeout,
+                            stream=True, out=work, steps=a.tower_steps, batch_size=a.tower_batch_size, seed=a.seed)[0]
+            with open(facts, "w") as f:
+                json.dump({"steps": a.tower_steps, "batch_size": a.tower_batch_size, "wall_s": time.time() - t0,
+                           "shape_patch_accuracy": r0["evals"][-1]["shape_patch_accuracy"], "evals": r0["evals"]}, f)
+        with open(facts) as f:
+            stage0 = json.load(f)
+    t_vl = time.time()
+    res = vl2lab.run("vl2lab.train.ddp:train", world_size=a.world_size, timeout=a.timeout, stream=True, out=work,
+                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, vision_lr_mult=vmult, seed=a.seed,
+                     resume=a.resume, tower=tower)
+    train_wall, vl_wall = time.time() - t0, time.time() - t_vl
+    info = export(os.path.join(work, "checkpoint"), a.out, a.dtype)
+    t1 = time.time()
+    ev = vl2lab.run("vl2lab.train.ddp:shard_eval", world_size=a.world_size, timeout=a.timeout,
+                    model_path=os.path.abspath(a.out), split="eval", n=a.eval_n)[0]
+    eval_wall = time.time() - t1
+    metrics = score(list(dataset("eval", a.eval_n)), ev["answers"])
+    hist = res[0]["history"]
+    report = {"command": command, "machine": _machine(a.world_size), **info, "eval": metrics,
+              "eval_wall_s": eval_wall,
+              "tower": stage0,
+              "train": {"world_size": a.world_size, "steps": a.steps, "stage1_wall_s": vl_wall, "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult,
+                        "seed": a.seed, "wall_s": train_wall, "final_loss": hist[-1]["loss"],
+                        "curriculum": [list(c) for c in CURRICULUM], "qtype_weights": dict(QTYPE_WEIGHTS),
+                        "resumed": a.resume, "allreduce_bytes_per_step": res[0]["allreduce_bytes_per_step"]}}
+    with open(os.path.join(a.out, "eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    write_readme(a.out, report)
+    print(json.dumps({k: v.get("accuracy") for k, v in metrics.items()}, indent=1))
+    print(f"train {train_wall:.0f} s, eval {eval_wall:.0f} s; snapshot in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
