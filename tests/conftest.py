@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 def tiny_snapshot(tmp_path_factory) -> str:
     """A complete random-tiny snapshot folder (config, one weight file, tokenizer, processor config). Read-only:
     tests that modify a snapshot copy it first."""
-    from vl2lab.weights.checkpoint import make_random_snapshot
+    from vl2lab.weights.pretrained import make_random_snapshot
 
     return make_random_snapshot(str(tmp_path_factory.mktemp("random-tiny")), "random-tiny", seed=0)
 
@@ -21,7 +21,7 @@ def tiny_snapshot(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_snapshot):
     """(model, processor) loaded from ``tiny_snapshot``; do not modify the model in place."""
-    from vl2lab.weights.checkpoint import load_pretrained
+    from vl2lab.weights.pretrained import load_pretrained
 
     return load_pretrained(tiny_snapshot)
 

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -59,6 +60,5 @@ def hang():
 def hang_at_exit():
     """Returns its value, then the process cannot exit (a non-daemon thread that never ends), as a rank whose
     communicator teardown hangs."""
-    import threading
     threading.Thread(target=lambda: time.sleep(3600), daemon=False).start()
     return vdist.rank() + 10

@@ -1,5 +1,6 @@
-"""Notebook 01's package side: model resolution, parameter accounting, token layout, memory measurement, chunked
-prefill (equal to one shot), the profile and prefill-memory rank functions (run in-process), and their plots."""
+"""Notebook 01's package side: model resolution, parameter accounting, token layout (vl2lab.lessons.baseline), the model
+built on its device (vl2lab.model.build), memory measurement, chunked prefill (equal to one shot), the profile and
+prefill-memory rank functions run in-process (vl2lab.perf.memory), and their plots."""
 from __future__ import annotations
 
 import os
@@ -9,10 +10,14 @@ import pytest
 import torch
 
 from vl2lab.lessons import baseline
-from vl2lab.planner import sizing
-from vl2lab.model.config import get_config
 from vl2lab.model import build_model
+from vl2lab.model.attention import attention_kernel
+from vl2lab.model.build import build_on_device
+from vl2lab.model.config import get_config
 from vl2lab.model.generation import chunked_prefill, generate
+from vl2lab.perf import memory
+from vl2lab.planner import sizing
+from vl2lab.weights import pretrained
 
 
 # ------------------------------------------------------------------------------------------ chunked prefill
@@ -80,8 +85,8 @@ def test_chunked_prefill_with_images(tiny_model):
 def test_resolve_model(tmp_path, tiny_snapshot, monkeypatch):
     r = baseline.resolve_model(tiny_snapshot)
     assert r["source"] == "folder" and r["path"] == os.path.abspath(tiny_snapshot)
-    monkeypatch.setattr(baseline, "MICRO_DIR", tmp_path / "nowhere")
-    with pytest.raises(baseline.BaselineError, match="vl2-micro"):
+    monkeypatch.setattr(pretrained, "MICRO_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(baseline.BaselineError, match="vl2-micro.*python -m vl2lab.train.micro.*random-tiny"):
         baseline.resolve_model("vl2-micro")
     with pytest.raises(baseline.BaselineError, match="neither"):
         baseline.resolve_model("no-such-model")
@@ -101,11 +106,25 @@ def test_param_rows_match_sizing(preset):
 
 
 def test_build_on_device_makes_the_dtype_directly():
-    m = baseline.build_on_device("random-base", "bfloat16", "cpu")
+    m = build_on_device("random-base", "bfloat16", "cpu")
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert sum(p.numel() for p in m.parameters()) == sizing.param_counts(m.config)["total_instantiated"]
     assert m.language.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert torch.equal(m.vision.embeddings.position_ids[0], torch.arange(m.config.vision_config.grid ** 2))
+    assert torch.get_default_dtype() == torch.float32 and not m.training          # the default dtype is restored
+    assert build_on_device("random-tiny", torch.float16).language.lm_head.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        build_on_device("random-tiny", "bf16")
+
+
+def test_attention_kernel():
+    q = torch.randn(1, 2, 5, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    for attn in ("sdpa", "eager", "math"):
+        with attention_kernel(attn):
+            torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q), want)
+    with pytest.raises(ValueError, match="'sdpa', 'eager' or 'math'"):
+        attention_kernel("flash")
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -132,23 +151,23 @@ def test_sample_images_exist_offline():
 
 def test_prefill_activation_bytes():
     cfg = get_config("deepseek-vl2-small")
-    for attn, logits in baseline.MODES.values():
-        one = baseline.prefill_activation_bytes(cfg, 4096, None, attn=attn, logits=logits)
-        assert one == baseline.prefill_activation_bytes(cfg, 4096, 8192, attn=attn, logits=logits)
+    for attn, logits in memory.MODES.values():
+        one = memory.prefill_activation_bytes(cfg, 4096, None, attn=attn, logits=logits)
+        assert one == memory.prefill_activation_bytes(cfg, 4096, 8192, attn=attn, logits=logits)
         assert one == sizing.activation_bytes(cfg, 1, 4096, 0, attn=attn, logits=logits)["lm_peak"]
-        assert baseline.prefill_activation_bytes(cfg, 4096, 512, attn=attn, logits=logits) < one / 4
+        assert memory.prefill_activation_bytes(cfg, 4096, 512, attn=attn, logits=logits) < one / 4
     # eager scores of 512 queries against 4096 keys, not 512²
     a = sizing.activation_bytes(cfg, 1, 512, 0, attn="eager")
-    assert baseline.prefill_activation_bytes(cfg, 4096, 512, attn="eager", logits="last") >= a["lm_scores"] * 8
+    assert memory.prefill_activation_bytes(cfg, 4096, 512, attn="eager", logits="last") >= a["lm_scores"] * 8
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak is read from /proc")
 def test_peak_memory_sees_a_large_tensor():
-    with baseline.PeakMemory("cpu") as m:
+    with memory.PeakMemory("cpu") as m:
         x = torch.ones(40_000_000)                                     # 160 MB
         del x
     assert m.delta is not None and m.delta > 100e6
-    with baseline.PeakMemory("cpu") as m:
+    with memory.PeakMemory("cpu") as m:
         torch.ones(1000).sum()
     assert m.delta < 100e6                                             # the earlier block's memory does not count
 
@@ -156,7 +175,7 @@ def test_peak_memory_sees_a_large_tensor():
 # ------------------------------------------------------------------------------------------ rank functions
 
 def test_profile_in_process(tiny_snapshot):
-    out = baseline.profile(tiny_snapshot, batch_sizes=(1,), new_tokens=2, repeats=1, warmup=0)
+    out = memory.profile(tiny_snapshot, batch_sizes=(1,), new_tokens=2, repeats=1, warmup=0)
     assert out["device"] == "cpu" and [r["batch"] for r in out["runs"]] == [1]
     for r in out["runs"]:
         assert set(r["times"]) == {"preprocess", "vision", "projector", "prefill", "generate_1", "generate_n"}
@@ -167,10 +186,10 @@ def test_profile_in_process(tiny_snapshot):
 
 
 def test_prefill_memory_in_process(tiny_snapshot):
-    out = baseline.prefill_memory(tiny_snapshot, chunk_size=64, n_images=1, image_size=384)
+    out = memory.prefill_memory(tiny_snapshot, chunk_size=64, n_images=1, image_size=384)
     rows = out["model"]["rows"]
     assert out["real"] == {} and out["tokens"] > 421
-    want = [(m, p) for m in baseline.MODES for p in ("one-shot", "chunked")]
+    want = [(m, p) for m in memory.MODES for p in ("one-shot", "chunked")]
     assert [(r["mode"], r["prefill"]) for r in rows] == want
     assert all(r["equal"] for r in rows)
     assert all(r["predicted_bytes"] > r["kv_bytes"] > 0 for r in rows)
@@ -179,7 +198,7 @@ def test_prefill_memory_in_process(tiny_snapshot):
 def test_plots_draw(tiny_model):
     import matplotlib.pyplot as plt
 
-    from vl2lab.workbook import plots
+    from vl2lab.workbook import baseline_plots as plots
     _, processor = tiny_model
     im = baseline.sample_images(scene_seeds=())["logo2.png"]
     lay = baseline.token_layout(im.width, im.height)

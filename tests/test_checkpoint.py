@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vl2lab.weights.checkpoint import (CheckpointError, SnapshotReader, load_pretrained, make_random_snapshot,
-                               module_tensor_from_official, official_shapes, official_sources, official_to_module,
-                               save_pretrained)
-from vl2lab.model.config import ConfigError, get_config
 from vl2lab.model import build_model
+from vl2lab.model.config import ConfigError, get_config
+from vl2lab.weights.keys import official_shapes, official_sources, official_to_module
+from vl2lab.weights.pretrained import CheckpointError, load_pretrained, make_random_snapshot, save_pretrained
+from vl2lab.weights.reader import SnapshotReader, module_tensor_from_official
 
 
 def _all_tensors(path):

@@ -1,4 +1,5 @@
-"""DDP training and sharded inference (vl2lab.train.ddp), and the shipped vl2-micro snapshot.
+"""DDP training (vl2lab.train.ddp, .batches, .loop), sharded inference (vl2lab.train.eval), notebook 03's DDP
+checks (vl2lab.lessons.ddp_checks), and the shipped vl2-micro snapshot.
 
 One launch at world size 2 runs every distributed check (a launch costs seconds of imports on a small machine):
 resume equals an uninterrupted run, W×b gradients equal one process on W·b, sharded answers equal single-process
@@ -14,12 +15,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import vl2lab
+from vl2lab.lessons import ddp_checks
+from vl2lab.model import build_model
+from vl2lab.model.config import published_config_dict
+from vl2lab.parallel import groups as vdist
+from vl2lab.train import batches, ddp, scenes, score
+from vl2lab.train.eval import shard_eval
+from vl2lab.train.loop import resolve_config
+from vl2lab.train.tower import pretrain_tower
+from vl2lab.weights.pretrained import load_pretrained
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
-
-from vl2lab.train import ddp, scenes  # noqa: E402
 
 ASSET = Path(__file__).resolve().parents[1] / "vl2lab" / "assets" / "vl2-micro"
 LONG = 600.0
@@ -35,10 +46,6 @@ def _error(fn, **kw) -> str:
 
 def rank_suite(root: str) -> dict:
     """Rank function: every distributed check of this file, in one launch."""
-    from vl2lab.parallel import groups as vdist
-    from vl2lab.weights.checkpoint import load_pretrained
-    from vl2lab.model.config import published_config_dict
-
     torch.set_num_threads(1)
     a, b = os.path.join(root, "a"), os.path.join(root, "b")
     common = dict(steps=2, batch_size=1, warmup=1, save_every=1, log_every=1)
@@ -55,27 +62,24 @@ def rank_suite(root: str) -> dict:
         "settings": _error(ddp.train, out=a, resume=True, **{**common, "batch_size": 2}),
         "few_samples": _error(ddp.train, out=os.path.join(root, "c"), n_train=1, **common),
     }
-    from vl2lab.train.tower import pretrain_tower
     stage0 = pretrain_tower(os.path.join(root, "t"), steps=2, batch_size=1, log_every=1, eval_n=2)
     frozen = ddp.train(os.path.join(root, "f"), tower=stage0["path"], vision_lr_mult=0.0, **common)
     errors["no_tower"] = _error(ddp.train, out=os.path.join(root, "g"), tower=os.path.join(root, "none.safetensors"),
                                 **common)
-    from safetensors.torch import load_file
     tower_w = load_file(stage0["path"])
     wf = load_pretrained(os.path.join(root, "f", "checkpoint"))[0].state_dict()
     frozen["tower_unchanged"] = all(torch.equal(wf["vision." + k], v) for k, v in tower_w.items())
-    from vl2lab.model.vl2 import build_model
-    init = build_model(ddp._config("vl2-micro"), seed=0).vision.state_dict()
+    init = build_model(resolve_config("vl2-micro"), seed=0).vision.state_dict()
     frozen["tower_differs_from_init"] = any(not torch.equal(init[k], v) for k, v in tower_w.items())
-    grads = ddp.grad_equivalence_check(batch_size=1, tokenizer_dir=os.path.join(a, "tokenizer"))
+    grads = ddp_checks.grad_equivalence_check(batch_size=1, tokenizer_dir=os.path.join(a, "tokenizer"))
     model_path = os.path.join(a, "checkpoint")
-    sharded = ddp.shard_eval(model_path, n=5, batch_size=1)
+    sharded = shard_eval(model_path, n=5, batch_size=1)
     single = None
     if vdist.rank() == 0:
         model, processor = load_pretrained(model_path)
-        single = scenes.predict(model, processor, list(scenes.dataset("eval", 5)), batch_size=1)
-    overhead = ddp.inference_ddp_overhead(model_path, n=2, repeats=1)
-    computed = ddp.allreduce_bytes_per_step(load_pretrained(model_path)[0])
+        single = score.predict(model, processor, list(scenes.dataset("eval", 5)), batch_size=1)
+    overhead = ddp_checks.inference_ddp_overhead(model_path, n=2, repeats=1)
+    computed = ddp_checks.allreduce_bytes_per_step(load_pretrained(model_path)[0])
     return {"full": full, "part": part, "rest": rest, "max_weight_diff": max(float((wa[k] - wb[k]).abs().max())
                                                                             for k in wa),
             "errors": errors, "grads": grads, "sharded": sharded, "single": single, "overhead": overhead,
@@ -84,8 +88,6 @@ def rank_suite(root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    import vl2lab
-
     res = vl2lab.run("test_ddp:rank_suite", world_size=2, timeout=LONG, root=str(tmp_path_factory.mktemp("ddp")))
     return res
 
@@ -146,9 +148,9 @@ def test_bad_inputs_give_one_clear_error(suite):
 
 def test_uneven_last_batch_is_dropped_and_order_is_pure():
     ds = scenes.dialogues("train", 5)                   # 2 ranks: 3 indices each per epoch, batch 2 → 1 step
-    steps = [[ddp.step_examples(ds, s, 2, 2, r, seed=0) for r in (0, 1)] for s in range(3)]
+    steps = [[batches.step_examples(ds, s, 2, 2, r, seed=0) for r in (0, 1)] for s in range(3)]
     assert all(len(part) == 2 for st in steps for part in st)
-    again = ddp.step_examples(ds, 2, 2, 2, 1, seed=0)
+    again = batches.step_examples(ds, 2, 2, 2, 1, seed=0)
     assert [d.seed for d in again] == [d.seed for d in steps[2][1]]
     seen = [d.seed for part in steps[0] for d in part]
     assert len(seen) == 4 and set(seen) <= set(range(5))
@@ -156,19 +158,17 @@ def test_uneven_last_batch_is_dropped_and_order_is_pure():
 
 def test_bucket_plan_follows_caps():
     lin = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(10)])   # 256 KiB each
-    plan = ddp.allreduce_bytes_per_step(lin, bucket_cap_mb=1.0)
+    plan = ddp_checks.allreduce_bytes_per_step(lin, bucket_cap_mb=1.0)
     assert [b["params"] for b in plan["buckets"]] == [4, 4, 2]
     assert plan["total_bytes"] == 10 * 256 * 256 * 4
 
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="vl2-micro snapshot not built")
 def test_shipped_vl2_micro_answers_like_its_report():
-    import vl2lab
-
     report = json.loads((ASSET / "eval.json").read_text())
     model, processor = vl2lab.load_pretrained(str(ASSET))
     assert model.config.language_config.vocab_size == len(processor.tokenizer)
     ex = [e for e in scenes.dataset("eval", 48) if e.qtype in ("colour", "count")]
-    got = scenes.score(ex, scenes.predict(model, processor, ex, batch_size=12))
+    got = score.score(ex, score.predict(model, processor, ex, batch_size=12))
     for q in ("colour", "count"):
         assert got[q]["accuracy"] >= report["eval"][q]["accuracy"] - 0.2, (q, got[q], report["eval"][q])

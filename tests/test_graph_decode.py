@@ -4,9 +4,15 @@ import json
 import pytest
 import torch
 
-from vl2lab.model.graph_decode import GraphDecoder, decoder_for
+from vl2lab.launch.launcher import run
+from vl2lab.model.config import get_config
 from vl2lab.model.generation import generate
+from vl2lab.model.graph_decode import GraphDecoder, decoder_for
 from vl2lab.model.vl2 import build_model
+from vl2lab.perf import ladder, rungs
+from vl2lab.perf import report as ladder_report
+from vl2lab.train.scenes import make_scene
+from vl2lab.weights.pretrained import project_processor
 
 
 @pytest.fixture(scope="module", params=["random-tiny", "random-small"])
@@ -55,9 +61,6 @@ def test_decoders_are_kept_per_shape(lm):
 
 
 def test_vl2_generate_decode_graph():
-    from vl2lab.weights.checkpoint import project_processor
-    from vl2lab.train.scenes import make_scene
-
     model = build_model("random-tiny", seed=2)
     proc = project_processor(model.config)
     conv = [{"role": "<|User|>", "content": "<image>\nWhat colour?", "images": [make_scene(1).render()]},
@@ -70,9 +73,6 @@ def test_vl2_generate_decode_graph():
 
 
 def test_ladder_runs_and_reports_on_cpu(tmp_path):
-    from vl2lab.perf import ladder
-    from vl2lab.perf import report as ladder_report
-
     out = tmp_path / "ladder_random-tiny_1.json"
     res = ladder.run("random-tiny", "cpu", (1,), repeats=1, warmup=0, rungs=(1, 5), new_tokens=3, out=str(out),
                      profile=True, log=lambda *_: None)
@@ -84,9 +84,18 @@ def test_ladder_runs_and_reports_on_cpu(tmp_path):
     assert rows[0]["decode_speedup"] == 1.0 and json.loads(out.read_text())["floor"]["1"]["e2e_s"] > 0
 
 
-def test_recorded_h200_results_are_readable():
-    from vl2lab.perf import report as ladder_report
+def test_rungs_put_the_model_in_their_state():
+    model = build_model("random-tiny", seed=0)
+    assert ladder.RUNGS is rungs.RUNGS and ladder.Rung is rungs.Rung
+    rungs.apply(model, rungs.RUNGS[0])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    rungs.apply(model, rungs.RUNGS[1])
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        rungs.apply(model, rungs.Rung("bad", dtype="bf16"))
 
+
+def test_recorded_h200_results_are_readable():
     rec = {m: ladder_report.load(ladder_report.RESULTS_DIR, m) for m in ("deepseek-vl2-tiny", "deepseek-vl2-small")}
     tr = ladder_report.target_rows(rec)
     assert {r["model"] for r in tr} >= {"deepseek-vl2-tiny", "deepseek-vl2-small", "vision tower"}
@@ -97,9 +106,6 @@ def test_recorded_h200_results_are_readable():
 
 def test_tensor_parallel_and_replicas_give_the_same_tokens():
     """ladder.run_ranks on 2 gloo ranks: one TP model and two replicas answer alike, with the graph decoder."""
-    from vl2lab.model.config import get_config
-    from vl2lab.launch.launcher import run
-
     hidden = get_config("random-small").language_config.hidden_size
     kw = dict(model="random-small", batch_sizes=(1,), decode="graph", repeats=1, warmup=0, new_tokens=3)
     tp = run("vl2lab.perf.ladder:run_ranks", world_size=2, backend="gloo", timeout=600, layout="tp", **kw).values

@@ -16,10 +16,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vl2lab.model.config import get_config  # noqa: E402
-from vl2lab.model.attention import MHAttention, MLAttention  # noqa: E402
+from vl2lab.model.attention import KVCache, MHAttention, MLAttention  # noqa: E402
 from vl2lab.model.generation import generate, sample_next, top_p_filter  # noqa: E402
 from vl2lab.model.language import DeepseekLanguageModel  # noqa: E402
 from vl2lab.model.moe import MoE, Experts, Router  # noqa: E402
+from vl2lab.perf.peer import build_reference, reference_logits  # noqa: E402
 
 PRESETS = ["random-tiny", "random-small", "random-base"]
 FP32_ATOL = 2e-5      # logits are O(1); observed differences are ~3e-7
@@ -55,7 +56,6 @@ def positions(mask):
 def test_matches_transformers_fp32_padded_batch(name):
     """tiny ↔ DeepseekOcr2TextModel (MHA), small ↔ DeepseekV2ForCausalLM, base ↔ DeepseekV3ForCausalLM:
     same weights, same left-padded batch; every real position's logits agree."""
-    from vl2lab.perf.peer import build_reference, reference_logits
     lm = make_lm(name)
     ref, kind = build_reference(lm)
     ids, mask = padded_batch()
@@ -71,7 +71,6 @@ def test_matches_transformers_fp32_padded_batch(name):
 def test_matches_transformers_fp64_each_row_unpadded(name):
     """In float64 (the 'dense' experts path: grouped_mm takes no fp64) our padded batch equals transformers run on
     each row's real tokens alone (transformers' eager fp64 path turns left-padded rows into NaN, so it gets none)."""
-    from vl2lab.perf.peer import build_reference, reference_logits
     lm = make_lm(name, torch.float64)
     ref, kind = build_reference(lm)
     ids, mask = padded_batch()
@@ -87,7 +86,6 @@ def test_matches_transformers_fp64_each_row_unpadded(name):
 def test_yarn_rope_matches_transformers():
     """rope_scaling 'yarn' (not used by VL2, supported like DeepSeek-V2): frequencies, cos/sin mscale and the
     softmax mscale² agree with transformers' DeepseekV3 yarn."""
-    from vl2lab.perf.peer import build_reference, reference_logits
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
     lm = make_lm("random-base", rope_scaling=yarn, max_position_embeddings=256)     # 256 = 4 × 64
@@ -344,7 +342,6 @@ def test_attention_head_shards_sum_to_full(name, splits):
     pos = torch.arange(7).expand(2, 7)
     cos, sin = lm.model.rotary(pos, x.dtype)
     mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
-    from vl2lab.model.attention import KVCache
     with torch.no_grad():
         full = attn(x, cos, sin, mask)
         caches = [KVCache(1, 8) for _ in shards]

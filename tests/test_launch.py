@@ -1,6 +1,6 @@
-"""vl2lab.launch.launcher: values by rank, one clear error per failure, and no process left behind.
+"""vl2lab.launch: values by rank, one clear error per failure, and no process left behind.
 
-Each torchrun launch costs seconds of imports on a small CI machine, so this file keeps to nine
+Each torchrun launch costs seconds of imports on a small CI machine, so this file keeps to ten
 launches (gloo, world sizes 1 and 2). Every test that launches checks with psutil that no recorded
 process (torchrun agent, every rank) is still alive afterwards.
 """
@@ -27,7 +27,9 @@ if str(TESTS) not in sys.path:
 import launch_targets as T  # noqa: E402
 
 from vl2lab.launch import launcher as launch  # noqa: E402
-from vl2lab.launch.launcher import RankFailedError, RankTimeoutError  # noqa: E402
+from vl2lab.launch.__main__ import main, parser  # noqa: E402
+from vl2lab.launch.processes import survivors  # noqa: E402
+from vl2lab.launch.results import RankFailedError, RankTimeoutError  # noqa: E402
 
 LONG = 240.0  # launch timeout for tests that should succeed (a loaded 2-core machine is slow)
 
@@ -60,6 +62,7 @@ def _assert_all_gone(run_dir, n_ranks, within=15.0):
     while any(_alive(*p) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in procs if _alive(*p)], "processes of the launch survived"
+    assert survivors(str(run_dir)) == []
 
 
 def _wait_for_ranks(run_dir, n, within=180.0):
@@ -115,8 +118,8 @@ def test_two_ranks_give_values_by_rank(tmp_path, monkeypatch, capsys):
 
 def test_command_line_runs_and_prints_summary(tmp_path, capsys):
     run_dir = tmp_path / "cli"
-    assert launch.main(["-n", "1", "--backend", "gloo", "--timeout", str(LONG),
-                        "--run-dir", str(run_dir), "launch_targets:noop"]) == 0
+    assert main(["-n", "1", "--backend", "gloo", "--timeout", str(LONG),
+                 "--run-dir", str(run_dir), "launch_targets:noop"]) == 0
     out = capsys.readouterr().out
     assert "RankResults: world_size=1, backend=gloo\nrank  status  backend  device\n0     ok" in out
     _assert_all_gone(run_dir, 1)
@@ -125,7 +128,7 @@ def test_command_line_runs_and_prints_summary(tmp_path, capsys):
 def test_print_command_for_several_nodes(capsys):
     argv = ["--print-command", "--nnodes", "2", "--nproc-per-node", "4",
             "--rdzv-endpoint", "node0:29500", "launch_targets:noop"]
-    assert launch.main(argv) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     for part in ("--nnodes 2", "--node-rank $NODE_RANK", "--rdzv-backend c10d",
                  "--rdzv-endpoint node0:29500", "--rdzv-id vl2lab-", "--nproc-per-node 4",
@@ -137,6 +140,36 @@ def test_print_command_for_several_nodes(capsys):
     a = launch.torchrun_command("m:f", 4, "/d", nnodes=2, node_rank=0, rdzv_endpoint="h:1")
     b = launch.torchrun_command("m:f", 4, "/d", nnodes=2, node_rank=1, rdzv_endpoint="h:1")
     assert a[a.index("--rdzv-id") + 1] == b[b.index("--rdzv-id") + 1]  # nodes meet in one rendezvous
+
+
+@pytest.mark.parametrize("argv", [["nosuchmodule:f"], ["no colon"], ["launch_targets:noop", "-n", "0"],
+                                  ["launch_targets:noop", "--nnodes", "2", "--print-command"]],
+                         ids=["no-module", "no-colon", "no-ranks", "no-endpoint"])
+def test_command_line_bad_arguments_give_one_line_and_exit_2(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path))
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("python -m vl2lab.launch: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())  # nothing was launched
+
+
+def test_python_dash_m_vl2lab_launch(tmp_path):
+    """The package runs as a program; every option's help says its default."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    bad = subprocess.run([sys.executable, "-m", "vl2lab.launch", "nosuchmodule:f"], env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "", bad
+    assert bad.stderr.splitlines() == ["python -m vl2lab.launch: error: module 'nosuchmodule' of "
+                                       "fn=nosuchmodule:f cannot be imported from this process's sys.path, so "
+                                       "the ranks could not import it either."], bad.stderr
+    for action in parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), f"{action.option_strings}: help does not say its default"
+    cmd = subprocess.run([sys.executable, "-m", "vl2lab.launch", "vl2lab.lessons.smoke:hello", "-n", "2",
+                          "--print-command"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=120)
+    assert cmd.returncode == 0 and "--standalone" in cmd.stdout and "--nproc-per-node 2" in cmd.stdout
+    assert "--target vl2lab.lessons.smoke:hello" in cmd.stdout
 
 
 def test_functions_ranks_cannot_import_are_refused_before_launch(tmp_path):
@@ -251,6 +284,8 @@ def test_torchrun_cell_magic_pushes_and_pulls(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path / "runs"))
     shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "vl2lab")  # the package's own extension hook registers the same magic
+    assert "torchrun" in shell.magics_manager.magics["cell"]
     shell.run_line_magic("load_ext", "vl2lab.launch.magic")
     shell.user_ns["x"] = torch.tensor([10.0])
     cell = "a = torch.tensor([float(rank)]) + x\nb = (world_size, str(device), dist.get_rank())\n"

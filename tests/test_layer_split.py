@@ -30,7 +30,7 @@ def test_bad_placements_say_what_to_do(n, world, sizes, words):
 def test_two_ranks_match_one_device():
     from vl2lab.launch.launcher import run
 
-    res = run("vl2lab.parallel.pipeline:check_layer_split", world_size=2, backend="gloo", timeout=600.0,
+    res = run("vl2lab.lessons.layer_split:check_layer_split", world_size=2, backend="gloo", timeout=600.0,
               model="random-tiny", max_new_tokens=6)
     r0, r1 = res[0], res[1]
     assert r0["holds"]["layers"] == (0, 1) and r1["holds"]["layers"] == (1, 3)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vl2lab.weights import checkpoint
-from vl2lab.train import scenes
 from vl2lab.lessons.baseline import BaselineError, resolve_model
+from vl2lab.train import scenes, score
+from vl2lab.weights import pretrained
 
 ASSET = Path(__file__).resolve().parents[1] / "vl2lab" / "assets" / "vl2-micro"
 pytestmark = pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(),
@@ -20,11 +20,11 @@ pytestmark = pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(),
 @pytest.fixture(scope="module")
 def micro():
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return checkpoint.load_pretrained("vl2-micro")
+    return pretrained.load_pretrained("vl2-micro")
 
 
 def test_found_by_name_and_small():
-    assert os.path.samefile(checkpoint.shipped_micro(), ASSET)
+    assert os.path.samefile(pretrained.shipped_micro(), ASSET)
     assert os.path.samefile(resolve_model("vl2-micro")["path"], ASSET)
     files = {p.name: p.stat().st_size for p in ASSET.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "eval.json",
@@ -33,11 +33,9 @@ def test_found_by_name_and_small():
 
 
 def test_missing_snapshot_names_the_rebuild_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "MICRO_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(checkpoint.CheckpointError, match="python -m vl2lab.train.micro"):
-        checkpoint.load_pretrained("vl2-micro")
-    import vl2lab.lessons.baseline as baseline
-    monkeypatch.setattr(baseline, "MICRO_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(pretrained, "MICRO_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(pretrained.CheckpointError, match="python -m vl2lab.train.micro"):
+        pretrained.load_pretrained("vl2-micro")
     with pytest.raises(BaselineError, match="python -m vl2lab.train.micro"):
         resolve_model("vl2-micro")
 
@@ -72,14 +70,14 @@ def test_answers_fixed_colour_and_count_questions(micro):
     model, processor = micro
     ex = [e for e in scenes.dataset("eval", 32) if e.qtype in ("colour", "count")]   # 8 of each
     assert len(ex) == 16
-    pred = scenes.predict(model, processor, ex, batch_size=16)
+    pred = score.predict(model, processor, ex, batch_size=16)
     right = sum(p == e.answer for e, p in zip(ex, pred))
     assert right >= 12, list(zip([e.answer for e in ex], pred))
 
 
 def test_predict_moves_inputs_to_the_models_device_and_dtype():
-    """On a GPU the processor's CPU tensors must follow the model (the eval ranks of ``ddp.shard_eval``)."""
-    model, processor = checkpoint.load_pretrained("vl2-micro", dtype=torch.bfloat16)
+    """On a GPU the processor's CPU tensors must follow the model (the eval ranks of ``eval.shard_eval``)."""
+    model, processor = pretrained.load_pretrained("vl2-micro", dtype=torch.bfloat16)
     moved = []
 
     class Spy:
@@ -97,6 +95,6 @@ def test_predict_moves_inputs_to_the_models_device_and_dtype():
             return getattr(processor, name)
 
     ex = [e for e in scenes.dataset("eval", 8) if e.qtype in ("colour", "count")]
-    pred = scenes.predict(model, Spy(), ex, batch_size=4)
+    pred = score.predict(model, Spy(), ex, batch_size=4)
     assert all(isinstance(p, str) and p for p in pred), pred
     assert moved and all(a == (torch.device("cpu"), torch.bfloat16) for a in moved), moved

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXEMPT_SECTIONS = ("summary", "exercises", "goals", "prerequisites", "what you will learn")
 PACKAGE = ROOT / "vl2lab"
-MODULES = sorted(p for p in [*PACKAGE.glob("*.py"), *(PACKAGE / "model").glob("*.py")]
-                 if p.name not in ("__init__.py", "__main__.py", "_worker.py"))
+MODULES = sorted(p for p in PACKAGE.rglob("*.py")
+                 if p.name not in ("__init__.py", "__main__.py") and "assets" not in p.parts)
 
 
 def _cells(path):

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from vl2lab.perf.collectives import bus_factor, comm_bytes_per_token
-from vl2lab.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
-                             shard_range, shard_tensor, split_sizes)
 from vl2lab.lessons.tp_layers import shard_table
+from vl2lab.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from vl2lab.parallel.ops import shard_range, shard_tensor, split_sizes
+from vl2lab.perf.collectives import bus_factor, comm_bytes_per_token
 
 LAUNCH_TIMEOUT = 180
 
@@ -112,7 +112,7 @@ def test_copies_are_exact(layer_checks):
 def test_article_examples_on_2_ranks():
     from vl2lab.launch.launcher import run
 
-    res = run("vl2lab.lessons.tp_layers:article_examples", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT)
+    res = run("vl2lab.lessons.article_tp:article_examples", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT)
     for r in range(2):
         col, row = res[r]["column_allreduce"], res[r]["row_as_batch_split"]
         assert col["allreduce_shape"] == (4, 4) and not col["allreduce_shape_matches"]

@@ -5,9 +5,12 @@ import sys
 
 import pytest
 
-from vl2lab.planner import sizing as S
+from vl2lab.planner import layouts as S
 from vl2lab.__main__ import main
-from vl2lab.planner.plan import PlanError, article_claims, plan, show_planner
+from vl2lab.planner.claims import article_claims
+from vl2lab.planner.panel import show_planner
+from vl2lab.planner.plan import PlanError, plan
+from vl2lab.planner.sizing import gb
 
 VLLM_ARCH = '--hf-overrides \'{"architectures": ["DeepseekVLV2ForCausalLM"]}\''
 
@@ -19,19 +22,19 @@ def key(x):
 def test_small_needs_two_24gb_gpus():
     one = plan("small", gpu_gb=24, n_gpus=1)
     assert one.recommended is None and not one.single["fits"]
-    assert S.gb(one.single["weights"]) > 21.1 > S.gb(one.usable) - 0.01
+    assert gb(one.single["weights"]) > 21.1 > gb(one.usable) - 0.01
     assert "tp=2" in one.request["hint"] and "none fits" in one.table()
     with pytest.raises(PlanError, match="no layout fits"):
         one.commands()
     two = plan("small", gpu_gb=24, n_gpus=2)
     best = two.recommended
     assert key(best) == (2, 1, 1, "tp") and best["fits"]
-    assert 16 < S.gb(best["weights"]) < 17 and S.gb(best["total"]) < S.gb(two.usable)
+    assert 16 < gb(best["weights"]) < 17 and gb(best["total"]) < gb(two.usable)
 
 
 def test_base_fits_one_80gb_gpu():
     p = plan("base", gpu_gb=80, n_gpus=1)
-    assert S.gb(p.single["weights"]) == pytest.approx(54.93, abs=0.01)  # vl2lab holds no attn_pool
+    assert gb(p.single["weights"]) == pytest.approx(54.93, abs=0.01)  # vl2lab holds no attn_pool
     assert p.single["fits"] and key(p.recommended) == (1, 1, 1, "tp")
     assert "\n 1 GPU" not in p.table()  # on one GPU the single-GPU row is the only layout row
 
@@ -42,7 +45,7 @@ def test_default_small_on_four_80gb():
     assert p.request["seq_len"] == 1023 + 64 + 512 and p.request["planned_len"] == 4096
     assert key(p.recommended) == (1, 1, 4, "tp") and p.recommended["group"] == 1
     # the fitting rows are exactly sizing.feasible_layouts for the same workload
-    feasible = S.feasible_layouts(p.cfg, 4, 80e9, batch=1, seq_len=4096, tiles=5, allow_uneven_heads=True)
+    feasible = S.feasible_layouts(p.cfg, 4, 80e9, batch=1, seq_len=4096, tiles=5, rule="vl2lab")
     assert {key(x) for x in p.layouts if x["fits"]} == {key(x) for x in feasible}
     assert p.table() == plan().table()
     assert "* pick   1   1   4   tp" in p.table()
@@ -132,7 +135,7 @@ def test_sequence_length_and_context():
         plan("small", images_per_prompt=2, image_size=(384, 3456))
     own = plan("small", context=None)
     assert own.request["planned_len"] == own.request["seq_len"] == 1599
-    assert S.gb(own.single["kv_cache"]) < S.gb(plan("small").single["kv_cache"])
+    assert gb(own.single["kv_cache"]) < gb(plan("small").single["kv_cache"])
     long = plan("small", images_per_prompt=2, image_size=(384, 3456), context=8192)
     assert any("8192" in w for w in long.warnings) and long.request["seq_len"] == 4778
     text = plan("tiny", images_per_prompt=0)
@@ -192,11 +195,11 @@ def test_subcommand_table(capsys):
 
 def test_panel_headless_and_show_planner(capsys):
     pytest.importorskip("ipywidgets")
-    from vl2lab.planner.plan import _report, panel
+    from vl2lab.planner.panel import panel, report
 
     box = show_planner()
     out = capsys.readouterr().out
-    assert out == _report() + "\n" and out.startswith("deepseek-vl2-small")
+    assert out == report() + "\n" and out.startswith("deepseek-vl2-small")
     assert "4 x 80 GB" in box.view.value
     box.controls["n_gpus"].value = 2
     box.controls["variant"].value = "deepseek-vl2"

@@ -1,11 +1,18 @@
-"""The floor maths of vl2lab.perf.roofline against hand-computed values and the published anchors."""
+"""The floor maths of vl2lab.perf.roofline against hand-computed values and the published anchors; the perf layer's
+shape (no higher layer imported, the command lines documented) and its shared workload."""
 import math
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from vl2lab.perf import roofline
 from vl2lab.model.config import get_config
+from vl2lab.perf import bench, ladder, roofline, workload
 from vl2lab.planner.sizing import param_counts
+
+PERF_MODULES = ("workload", "rungs", "memory", "bench", "ladder", "report", "roofline", "step_profile", "peer",
+                "collectives")
 
 
 def test_experts_touched_uniform_routing():
@@ -39,3 +46,45 @@ def test_floors_on_the_anchor_ceilings():
 def test_measure_device_on_cpu():
     m = roofline.measure_device("cpu", repeats=2)
     assert m["copy_bytes_per_s"] > 0 and m["matmul_flops_per_s"] > 0 and m["device"] == "cpu"
+
+
+def test_perf_layer_loads_no_higher_layer():
+    """Importing every perf module (in a fresh interpreter) loads nothing of lessons, train or serve, and none of
+    the heavy optional packages (matplotlib, ipywidgets, transformers): ranks import perf modules."""
+    code = ("import importlib, sys\n"
+            f"for m in {PERF_MODULES!r}: importlib.import_module('vl2lab.perf.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('vl2lab.lessons', 'vl2lab.train', 'vl2lab.serve', "
+            "'matplotlib', 'ipywidgets', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("cli", [bench, ladder], ids=lambda m: m.__name__)
+def test_command_lines_document_every_option(cli):
+    ap = cli.parser()
+    assert all(a.help for a in ap._actions), [a.dest for a in ap._actions if not a.help]
+    out = subprocess.run([sys.executable, "-m", cli.__name__, "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and f"python -m {cli.__name__}" in out.stdout, out.stderr
+    assert all(a.option_strings[-1] in out.stdout for a in ap._actions)
+
+
+def test_workload_picture_and_timer():
+    a, b = workload.workload_image(3), workload.workload_image(3)
+    assert a.size == workload.IMAGE_SIZE and a.tobytes() == b.tobytes()             # deterministic
+    assert workload.workload_image(0, (1152, 640)).size == (1152, 640)
+    t = workload.timed(lambda: torch.ones(10).sum(), torch.device("cpu"), repeats=3, warmup=1)
+    assert t["n"] == 3 and 0 < t["p10"] <= t["median"] <= t["p90"]
+    assert workload.pick_device("cpu") == torch.device("cpu")
+
+
+def test_real_tiles_skip_padding(tiny_model):
+    _, processor = tiny_model
+    im = workload.workload_image(0)
+    one = [{"role": "<|User|>", "content": "<image>\nx", "images": [im]}, {"role": "<|Assistant|>", "content": ""}]
+    two = [{"role": "<|User|>", "content": "<image>\n<image>\nx", "images": [im, im.resize((384, 384))]},
+           {"role": "<|Assistant|>", "content": ""}]
+    batch = processor(conversations=[one, two])
+    tiles = workload.real_tiles(batch)
+    assert tiles.shape[0] == 5 + (5 + 2)                        # 2×2 + global; then that again and 1×1 + global
+    assert torch.equal(tiles[:5], batch["images"][0, :5]) and torch.equal(tiles[5:], batch["images"][1, :7])

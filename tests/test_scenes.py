@@ -1,4 +1,5 @@
-"""The shapes task: deterministic scenes, disjoint splits, answers right by construction, metrics."""
+"""The shapes task (vl2lab.train.scenes): deterministic scenes, disjoint splits, answers right by construction;
+and its metrics (vl2lab.train.score)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from vl2lab.train import scenes
 from vl2lab.inputs.processor import parse_grounding
+from vl2lab.train import scenes, score
 
 
 def _digest(im) -> str:
@@ -56,7 +57,7 @@ def test_scenes_follow_their_rules():
             m = _mask(sc, s)
             assert m.any(axis=0).all() and m.any(axis=1).all()             # the shape fills its box's width/height
             for o in sc.shapes[i + 1:]:
-                assert scenes.iou(s.box, o.box) == 0.0
+                assert score.iou(s.box, o.box) == 0.0
                 assert abs(s.cx - o.cx) >= scenes.MIN_DX * sc.width
     assert (384, 384) in sizes and len(sizes) >= 3                          # several tilings occur
 
@@ -77,7 +78,7 @@ def test_answers_are_right_by_construction():
         grid = ex.scene.grid_box(ex.target)
         assert all(0 <= v <= 999 for v in grid)
         assert max(abs(a - b) for a, b in zip(box, ex.target.box)) <= max(ex.scene.width, ex.scene.height) / 999
-        assert scenes.iou(box, ex.target.box) > 0.97
+        assert score.iou(box, ex.target.box) > 0.97
 
 
 def test_dialogue_asks_about_each_shape_once_with_one_image():
@@ -104,10 +105,10 @@ def test_dialogue_asks_about_each_shape_once_with_one_image():
 
 def test_score_on_perfect_and_wrong_predictions():
     ex = list(scenes.dataset("eval", 16))
-    perfect = scenes.score(ex, [e.answer for e in ex])
+    perfect = score.score(ex, [e.answer for e in ex])
     assert all(perfect[q]["accuracy"] == 1.0 for q in scenes.QTYPES)
     assert perfect["ground"]["mean_iou"] == pytest.approx(1.0) and perfect["ground"]["iou50"] == 1.0
-    wrong = scenes.score(ex, ["purple" for _ in ex])
+    wrong = score.score(ex, ["purple" for _ in ex])
     assert wrong["overall"]["accuracy"] == 0.0 and wrong["ground"]["mean_iou"] == 0.0
     # a box shifted by half its width: IoU 1/3, so below 0.5 but not zero
     g = [e for e in ex if e.qtype == "ground"]
@@ -116,21 +117,21 @@ def test_score_on_perfect_and_wrong_predictions():
         x1, y1, x2, y2 = e.scene.grid_box(e.target)
         dx = (x2 - x1) // 2
         shifted.append(f"<|ref|>{e.target.name}<|/ref|><|det|>[[{x1 + dx},{y1},{x2 + dx},{y2}]]<|/det|>")
-    s = scenes.score(g, shifted)["ground"]
+    s = score.score(g, shifted)["ground"]
     assert s["accuracy"] == 0.0 and s["iou50"] == 0.0 and 0.25 < s["mean_iou"] < 0.4
     with pytest.raises(ValueError, match="predictions"):
-        scenes.score(ex, [])
+        score.score(ex, [])
 
 
 def test_iou():
-    assert scenes.iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
-    assert scenes.iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
-    assert scenes.iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
-    assert scenes.iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
+    assert score.iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert score.iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    assert score.iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert score.iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
 
 
 def test_answer_text_keeps_grounding_tokens(tiny_model):
     _, processor = tiny_model
     ex = scenes.make_example(3, "ground")
     ids = processor.tokenizer.encode(ex.answer, add_special_tokens=False) + [processor.eos_id, processor.pad_id]
-    assert scenes.answer_text(processor, ids) == ex.answer
+    assert score.answer_text(processor, ids) == ex.answer

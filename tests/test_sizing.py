@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from vl2lab.planner import layouts as L
 from vl2lab.planner import sizing as S
 from vl2lab.model.config import PRESETS, REAL_PRESETS, get_config
 
@@ -56,7 +57,7 @@ def test_source_article_claim_is_off_by_ten():
     largest = max(S.weight_bytes(get_config(n), "float16") for n in REAL_PRESETS)
     assert 54e9 < largest < 56e9
     assert 260e9 / largest > 4.5
-    assert largest < S.usable_bytes(80e9)  # fits on one 80 GB GPU
+    assert largest < L.usable_bytes(80e9)  # fits on one 80 GB GPU
 
 
 @pytest.mark.parametrize("name,latent,expanded,padded", [
@@ -80,17 +81,17 @@ def test_kv_cache_split_by_heads_but_mla_latent_replicated():
 
 def test_legal_tp_sizes():
     tiny = get_config(TINY)
-    strict = S.legal_tp_sizes(tiny)
+    strict = L.legal_tp_sizes(tiny, rule="vllm")
     assert list(strict) == [1, 2]
     assert "heads 10 % 4" in strict.rejected[4] and "6848 % 5" in strict.rejected[5]
-    uneven = S.legal_tp_sizes(tiny, allow_uneven_heads=True)
-    assert list(uneven) == [1, 2, 4, 8] and "10 < 16" in uneven.rejected[16]
+    ours = L.legal_tp_sizes(tiny)             # the sharding plan: uneven heads and 8-channel blocks are fine
+    assert list(ours) == list(range(1, 11)) and "10 attention heads cannot be split over 11" in ours.rejected[11]
     for name in (SMALL, BASE):
-        assert list(S.legal_tp_sizes(get_config(name))) == [1, 2, 4, 8, 16]
-    base_vit = S.legal_tp_sizes(get_config(BASE), max_tp=32, split_vision_mlp=True)
+        assert list(L.legal_tp_sizes(get_config(name), rule="vllm")) == [1, 2, 4, 8, 16]
+    base_vit = L.legal_tp_sizes(get_config(BASE), max_tp=32, vision="tp", rule="vllm")
     assert 16 in base_vit and "4304 % 32" in base_vit.rejected[32]
-    assert list(S.legal_ep_sizes(get_config(BASE), 12)) == [1, 2, 3, 4, 6, 8, 9, 12]
-    assert list(S.legal_ep_sizes(get_config(SMALL))) == [1, 2, 4, 8, 16]
+    assert list(L.legal_ep_sizes(get_config(BASE), 12)) == [1, 2, 3, 4, 6, 8, 9, 12]
+    assert list(L.legal_ep_sizes(get_config(SMALL))) == [1, 2, 4, 8, 16]
 
 
 # Spec §8 "weights per TP rank" (bf16 GB, vLLM-style: ViT MLP split, attn_pool loaded).
@@ -102,25 +103,25 @@ def test_weights_per_tp_rank_match_spec(name):
     cfg = get_config(name)
     pool = S.param_counts(cfg)["vision_attn_pool"] * 2
     for tp, want in SPEC_TP[name].items():
-        lay = S.layout_bytes(cfg, tp=tp, vision="tp", batch=1, seq_len=16, tiles=1)
+        lay = L.layout_bytes(cfg, tp=tp, vision="tp", batch=1, seq_len=16, tiles=1)
         assert S.gb(lay["weights"]) == pytest.approx(want, rel=0.015)
         assert S.gb(lay["weights"] + pool) == pytest.approx(want, rel=0.003)  # the only convention difference
-        replicated = S.layout_bytes(cfg, tp=tp, batch=1, seq_len=16, tiles=1)["weights"]
+        replicated = L.layout_bytes(cfg, tp=tp, batch=1, seq_len=16, tiles=1)["weights"]
         assert replicated > lay["weights"]  # a replicated ViT MLP costs (1 - 1/tp) · 0.54 GB more
 
 
 def test_layout_bytes_parts():
     base = get_config(BASE)
-    one = S.layout_bytes(base, batch=2, seq_len=1024, tiles=5)
+    one = L.layout_bytes(base, batch=2, seq_len=1024, tiles=5)
     assert one["weights"] == S.weight_bytes(base, instantiated=True)
     assert one["total"] == one["weights"] + one["kv_cache"] + one["activations"]
     assert one["kv_cache"] == 2 * 1024 * 34_560
-    ep = S.layout_bytes(base, tp=1, dp=8, ep=8, moe="ep")
+    ep = L.layout_bytes(base, tp=1, dp=8, ep=8, moe="ep")
     assert ep["weight_parts"]["routed_experts"] == 29 * 9 * S.param_counts(base)["routed_expert"] * 2
     with pytest.raises(ValueError, match="ep=1"):
-        S.layout_bytes(base, tp=2, ep=2, moe="tp")
+        L.layout_bytes(base, tp=2, ep=2, moe="tp")
     with pytest.raises(ValueError, match="heads 10 < 16"):
-        S.layout_bytes(get_config(TINY), tp=16)
+        L.layout_bytes(get_config(TINY), tp=16)
 
 
 def test_activation_terms():
@@ -139,20 +140,20 @@ def test_activation_terms():
 def test_feasible_layouts():
     base = get_config(BASE)
     work = dict(batch=1, seq_len=2048, tiles=10)
-    assert S.fits(base, 80e9, **work) and not S.fits(base, 40e9, **work)
-    assert S.feasible_layouts(base, 1, 40e9, **work) == []
-    four = S.feasible_layouts(base, 4, 40e9, **work)
+    assert L.fits(base, 80e9, **work) and not L.fits(base, 40e9, **work)
+    assert L.feasible_layouts(base, 1, 40e9, **work) == []
+    four = L.feasible_layouts(base, 4, 40e9, **work)
     assert four and all(x["total"] <= x["usable"] and x["tp"] * x["dp"] == 4 for x in four)
     assert [x["tp"] for x in four] == sorted(x["tp"] for x in four)
     assert any(x["moe"] == "ep" for x in four)
-    assert S.usable_bytes(100e9) == pytest.approx(89.5e9)
+    assert L.usable_bytes(100e9) == pytest.approx(89.5e9)
 
 
 def test_tables_are_plain_text():
     text = S.format_table(S.summary_rows([get_config(n) for n in REAL_PRESETS]))
     assert text == S.format_table(S.summary_rows([get_config(n) for n in REAL_PRESETS]))
     assert "deepseek-vl2-small" in text and "16.148" in text and "31104" in text
-    assert "3.509" in S.format_table(S.tp_weight_rows(get_config(TINY), vision="tp"))
+    assert "3.509" in S.format_table(L.tp_weight_rows(get_config(TINY), vision="tp"))
 
 
 @pytest.mark.parametrize("name", RANDOM)
@@ -162,14 +163,14 @@ def test_random_presets_are_small_and_sane(name):
     assert 0 < c["lm_activated"] < c["activated"] < c["total"] < 5_000_000
     assert S.weight_bytes(cfg, "float32") < 20e6
     assert 0 < S.kv_cache_bytes_per_token(cfg) < 10_000
-    assert 1 in S.legal_tp_sizes(cfg)
-    assert S.feasible_layouts(cfg, 1, 2e9, batch=1, seq_len=512, tiles=2, dtype="float32")
+    assert 1 in L.legal_tp_sizes(cfg)
+    assert L.feasible_layouts(cfg, 1, 2e9, batch=1, seq_len=512, tiles=2, dtype="float32")
 
 
 def test_random_tiny_uneven_heads_on_four_ranks():
     cfg = get_config("random-tiny")
-    assert 4 not in S.legal_tp_sizes(cfg, max_tp=4)
-    assert 4 in S.legal_tp_sizes(cfg, max_tp=4, allow_uneven_heads=True)
+    assert 4 not in L.legal_tp_sizes(cfg, max_tp=4, rule="vllm")
+    assert 4 in L.legal_tp_sizes(cfg, max_tp=4)
 
 
 def test_image_tokens_from_processor():

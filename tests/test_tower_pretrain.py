@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from vl2lab.train import scenes
-from vl2lab.weights.checkpoint import CheckpointError
+from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config, published_config_dict
-from vl2lab.model.vl2 import build_model
+from vl2lab.train import scenes
 from vl2lab.train.tower import global_views, load_tower, patch_labels
+from vl2lab.weights.pretrained import CheckpointError
 
 
 def _scene(w, h, kind, box):
@@ -37,8 +38,6 @@ def test_labels_line_up_with_the_pixels_the_tower_sees():
 
 
 def test_a_tower_of_another_config_or_a_missing_file_is_one_clear_error(tmp_path):
-    from safetensors.torch import save_file
-
     model = build_model("vl2-micro", seed=0)
     with pytest.raises(CheckpointError, match="no pre-trained tower"):
         load_tower(model, str(tmp_path / "tower.safetensors"))

@@ -26,7 +26,7 @@ CASES = [("random-tiny", "tp", "replicated"), ("random-tiny", "ep", "data_parall
 def snapshots(tmp_path_factory):
     """{label: snapshot folder}: the random presets (weights split over several files), and vl2-micro when the
     trained asset is present."""
-    from vl2lab.weights.checkpoint import make_random_snapshot
+    from vl2lab.weights.pretrained import make_random_snapshot
 
     out = {p: make_random_snapshot(str(tmp_path_factory.mktemp(p)), p, seed=0, max_shard_bytes=1 << 20)
            for p in dict.fromkeys(c[0] for c in CASES)}
@@ -160,7 +160,7 @@ def test_what_each_rank_holds_random_tiny_on_4(world, snapshots):
 
 
 def test_bad_world_size_is_one_clear_error(world):
-    from vl2lab.parallel.shard import ShardingError, check_plan
+    from vl2lab.parallel.plan import ShardingError, check_plan
 
     with pytest.raises(ShardingError, match=r"6 attention heads .* over 8 ranks; at most 6"):
         check_plan(get_config("random-tiny"), 8)
@@ -173,7 +173,7 @@ def test_bad_world_size_is_one_clear_error(world):
 
 
 def test_checkpoint_of_another_config_is_a_checkpoint_error(snapshots, tmp_path):
-    from vl2lab.weights.checkpoint import CheckpointError
+    from vl2lab.weights.pretrained import CheckpointError
     from vl2lab.parallel.load import load_sharded
 
     bad = tmp_path / "tiny-weights-small-config"

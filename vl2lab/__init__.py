@@ -4,7 +4,7 @@ The top level stays light (ranks import it; transformers is loaded only when a m
 
 - ``vl2lab.run(fn, world_size=N, ...)``: run a function on N ranks through torchrun (:mod:`vl2lab.launch.launcher`).
 - ``vl2lab.load_pretrained(path)``: a DeepSeek-VL2 snapshot folder → ``(model, processor)``
-  (:mod:`vl2lab.weights.checkpoint`).
+  (:mod:`vl2lab.weights.pretrained`).
 - ``vl2lab.get_config(name)``: a preset's configuration (:mod:`vl2lab.model.config`).
 """
 
@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "run": ("vl2lab.launch.launcher", "run"),
-    "RankResults": ("vl2lab.launch.launcher", "RankResults"),
-    "RankFailedError": ("vl2lab.launch.launcher", "RankFailedError"),
-    "RankTimeoutError": ("vl2lab.launch.launcher", "RankTimeoutError"),
-    "load_pretrained": ("vl2lab.weights.checkpoint", "load_pretrained"),
-    "save_pretrained": ("vl2lab.weights.checkpoint", "save_pretrained"),
+    "RankResults": ("vl2lab.launch.results", "RankResults"),
+    "RankFailedError": ("vl2lab.launch.results", "RankFailedError"),
+    "RankTimeoutError": ("vl2lab.launch.results", "RankTimeoutError"),
+    "load_pretrained": ("vl2lab.weights.pretrained", "load_pretrained"),
+    "save_pretrained": ("vl2lab.weights.pretrained", "save_pretrained"),
     "get_config": ("vl2lab.model.config", "get_config"),
     "build_model": ("vl2lab.model", "build_model"),
 }

@@ -13,7 +13,17 @@ import sys
 # name: (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
     "plan": ("vl2lab.planner.plan", "cli", "will DeepSeek-VL2 fit these GPUs, and how to split it (memory per GPU, "
-                                   "layouts, launch commands)"),
+                                           "layouts, launch commands)"),
+    "generate": ("vl2lab.serve.generate", "main", "answer a question about an image, the model sharded over the "
+                                                  "ranks of torchrun (same as python -m vl2lab.serve.generate)"),
+    "bench": ("vl2lab.perf.bench", "main", "the fixed benchmark workload on one device (python -m vl2lab.perf.bench)"),
+    "ladder": ("vl2lab.perf.ladder", "main", "the tuning ladder, every rung measured in one run "
+                                             "(python -m vl2lab.perf.ladder)"),
+    "train-micro": ("vl2lab.train.micro", "main", "rebuild the shipped vl2-micro (python -m vl2lab.train.micro)"),
+    "launch": ("vl2lab.launch.__main__", "main", "run module:function on N ranks, or print the torchrun command "
+                                                 "(python -m vl2lab.launch)"),
+    "workbook": ("vl2lab.workbook.runner", "main", "run or refresh the notebooks with papermill "
+                                                   "(python -m vl2lab.workbook)"),
 }
 
 

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from vl2lab.model.config import CANDIDATE_RESOLUTIONS
+from vl2lab.model.vision import image_token_count as layout_tokens
 
 
 class ProcessorError(ValueError):
@@ -54,7 +55,6 @@ def image_token_count(width_tiles: int, height_tiles: int, image_size: int = 384
                       downsample_ratio: int = 2) -> int:
     """Image-token positions for one image with tw × th local tiles: the model's layout
     (:func:`vl2lab.model.vision.image_token_count`) at this geometry's grid of h tokens per tile side."""
-    from vl2lab.model.vision import image_token_count as layout_tokens
 
     return layout_tokens(width_tiles, height_tiles, token_grid(image_size, patch_size, downsample_ratio))
 
@@ -94,6 +94,22 @@ def pad_resize(image: Image.Image, size: tuple[int, int], color=(127, 127, 127))
     out = Image.new(image.mode, (W, H), color)
     out.paste(resized, (round((W - new[0]) * 0.5), 0) if new[0] != W else (0, round((H - new[1]) * 0.5)))
     return out
+
+
+def open_image(path) -> Image.Image:
+    """A picture file → 8-bit RGB through :func:`to_rgb` (16-bit PNGs keep their contrast), or one ProcessorError
+    naming the file when it is missing, not a picture, truncated or corrupt."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im.copy() if im.mode == "RGB" else im)
+    except FileNotFoundError:
+        raise ProcessorError(f"image file {str(path)!r} does not exist; check the path") from None
+    except (OSError, SyntaxError, ValueError) as e:          # PIL: UnidentifiedImageError, truncated data, …
+        if isinstance(e, ProcessorError):
+            raise
+        raise ProcessorError(f"image file {str(path)!r} cannot be read as a picture ({type(e).__name__}: {e}); "
+                             "it is truncated, corrupt or not an image: use a PNG or JPEG file") from None
 
 
 def to_rgb(image) -> Image.Image:

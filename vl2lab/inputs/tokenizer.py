@@ -26,6 +26,8 @@ import json
 import os
 from typing import Iterable, Optional
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -115,7 +117,6 @@ def build_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 102
     ``special_tokens_map.json``) are written there and the transformers tokenizer loaded back from them is returned;
     without it, the raw ``tokenizers.Tokenizer``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     n_fixed = len(SPECIAL_TOKENS) + 256
     if vocab_size < n_fixed:

@@ -1,6 +1,8 @@
-"""Launching: ``launcher.run(fn, world_size=N)`` starts N ranks under torchrun and brings their return values
-back (``vl2lab.run``); ``worker`` is each rank's side, ``results`` the per-rank records and errors, ``magic`` the
-``%%torchrun`` cell magic (``%load_ext vl2lab``), ``python -m vl2lab.launch`` the command line.
+"""Launching: ``vl2lab.launch.run(fn, world_size=N)`` (also ``vl2lab.run``) starts N ranks under torchrun and brings
+their return values back. ``launcher`` is ``run`` itself (arguments, run dir, the torchrun command and environment,
+the wait); ``processes`` starts, finds and stops the processes of a launch (so none outlives it); ``worker`` is each
+rank's side; ``results`` the per-rank records and errors; ``magic`` the ``%%torchrun`` cell magic
+(``%load_ext vl2lab``); ``__main__`` the command line, ``python -m vl2lab.launch MODULE:FUNCTION [-n N]``.
 
 Lesson: notebook 00 (starting ranks, a failing rank, what a launch costs).
 """

@@ -1,6 +1,6 @@
 """Run a function on N ranks from a notebook, and get its return values back, indexed by rank.
 
-    res = vl2lab.launch.launcher.run("vl2lab.tasks.nb02:check_row_parallel", world_size=4, hidden=64)
+    res = vl2lab.run("vl2lab.lessons.smoke:hello", world_size=4)   # or vl2lab.launch.run(...)
     res[0]        # rank 0's return value
     res           # deterministic per-rank table (rank, status, backend, device)
     res.timings() # durations and peak memory
@@ -16,7 +16,8 @@ or vanished) or ``RankTimeoutError`` (the wall-clock ``timeout`` ran out). Timeo
 No process of a launch outlives it: the wait is wrapped in try/finally (errors, timeouts and
 KeyboardInterrupt all stop the agent and every rank: SIGTERM, a grace period, then SIGKILL, each
 rank's own process group included); an atexit hook stops launches still running when the kernel
-exits; and a watchdog thread in every rank kills the launch if the kernel is SIGKILLed.
+exits; and a watchdog thread in every rank kills the launch if the kernel is SIGKILLed. How the
+processes are found and stopped is ``vl2lab.launch.processes``; the command line is ``python -m vl2lab.launch``.
 
 Lesson: notebook 00, sections 2 ("Ranks report in"), 4 ("When a rank fails") and 5 ("What a
 launch costs").
@@ -24,40 +25,34 @@ launch costs").
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import codecs
+import hashlib
 import importlib.util
-import json
 import os
-import shlex
-import signal
-import socket
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
-
 import psutil
+import torch
 
-__all__ = ["run", "RankResults", "RankRecord", "RankFailedError", "RankTimeoutError",
-           "torchrun_command", "recorded_pids", "survivors", "main"]
+from vl2lab.launch.processes import Launch, LogTail
+from vl2lab.launch.results import (RankFailedError, RankResults, RankTimeoutError, collect_records,
+                                   failure_message, timeout_message)
+
+__all__ = ["run", "torchrun_command", "target_name", "check_launch", "init_timeout", "BACKENDS",
+           "EXIT_GRACE_S", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 10.0
 EXIT_GRACE_S = 30.0         # after every rank reported: how long torchrun may take to exit
 BACKENDS = ("auto", "gloo", "nccl")
-_ACTIVE: set = set()  # launches still running, stopped at exit
-
-
-from vl2lab.launch.results import (GRACE_S, RankFailedError, RankRecord, RankResults,  # noqa: E402,F401
-                           RankTimeoutError, _read_json, collect_records, failure_message,
-                           timeout_message)
 
 
 # ------------------------------------------------------------------------------------- validation
-def _target_name(fn) -> str:
-    """'module:function' for a string or an importable function; one clear error otherwise."""
+def target_name(fn) -> str:
+    """'module:function' for a string or an importable function; one clear error (ValueError) otherwise."""
     fix = ("Put the function in a .py module (for example write it with %%writefile mytask.py, then "
            "`from mytask import f`) and pass the function or 'mytask:f'; or run a cell's code on N "
            "ranks with the %%torchrun cell magic (%load_ext vl2lab.launch.magic).")
@@ -65,7 +60,7 @@ def _target_name(fn) -> str:
         module, sep, name = fn.partition(":")
         parts = module.split(".") + name.split(".")
         if not sep or not all(p.isidentifier() for p in parts):
-            raise ValueError(f"fn={fn!r}: expected 'module:function', e.g. 'vl2lab.tasks.nb02:check'.")
+            raise ValueError(f"fn={fn!r}: expected 'module:function', e.g. 'vl2lab.lessons.smoke:hello'.")
     elif callable(fn):
         module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
         if module is None or "<" in name:
@@ -76,14 +71,28 @@ def _target_name(fn) -> str:
     if module == "__main__":
         raise ValueError(f"{name} is defined in __main__ (a notebook cell or a script run directly); "
                          f"each rank is a fresh Python process that cannot import it. {fix}")
-    try:
+    why = ""
+    try:  # imports the parent packages of a dotted module (not the module itself)
         found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
+    except Exception as e:  # noqa: BLE001 — ModuleNotFoundError, or a parent package that fails to import
+        found, why = False, f" ({type(e).__name__}: {e})"
     if not found:
         raise ValueError(f"module {module!r} of fn={module}:{name} cannot be imported from this "
-                         "process's sys.path, so the ranks could not import it either.")
+                         f"process's sys.path{why}, so the ranks could not import it either.")
     return f"{module}:{name}"
+
+
+def check_launch(world_size, nnodes: int = 1, backend: str = "auto", timeout: float = 300.0,
+                 rdzv_endpoint: str | None = None) -> None:
+    """One clear ValueError for arguments no launch can run with (before anything starts)."""
+    if not isinstance(world_size, int) or world_size < 1 or nnodes < 1 or world_size % nnodes:
+        raise ValueError(f"world_size={world_size!r} must be a positive int divisible by nnodes={nnodes}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    if not timeout or timeout <= 0:
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+    if (nnodes > 1 or rdzv_endpoint is not None) and not rdzv_endpoint:
+        raise ValueError("a multi-node launch needs rdzv_endpoint='HOST:PORT' (reachable from all nodes)")
 
 
 def _runs_root() -> str:
@@ -106,9 +115,6 @@ def _make_run_dir(run_dir, target: str, node_tag: str) -> str:
 # ---------------------------------------------------------------------------- command and environment
 def _pythonpath() -> str:
     """The parent's sys.path minus the interpreter's own folders ('' → the current folder)."""
-    import site
-    import sysconfig
-
     paths = sysconfig.get_paths()
     stdlib = [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")]
     skip = {os.path.realpath(p) for p in paths.values()}
@@ -126,10 +132,13 @@ def _pythonpath() -> str:
 
 def _rdzv_id(target: str, rdzv_endpoint: str, nnodes: int, nproc: int) -> str:
     """Same on every node (each node computes it alone), so the nodes meet in one rendezvous."""
-    import hashlib
-
     key = f"{target}|{rdzv_endpoint}|{nnodes}|{nproc}".encode()
     return "vl2lab-" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def init_timeout(timeout: float) -> float:
+    """``init_process_group``'s timeout for a launch of ``timeout`` seconds: min(timeout, 120 s), at least 10 s."""
+    return max(10.0, min(timeout, 120.0))
 
 
 def torchrun_command(target: str, nproc_per_node: int, run_dir: str, backend: str = "auto",
@@ -167,145 +176,6 @@ def _rank_env(nproc: int, run_dir: str, single_node: bool, omp_threads, extra) -
     return env
 
 
-# ------------------------------------------------------------------------------ process bookkeeping
-def recorded_pids(run_dir: str, agent_pid: int | None = None) -> list[dict]:
-    """PIDs (with start times) that a launch recorded on this host: torchrun agents and ranks.
-
-    agent_pid: only that agent and its ranks (a run dir can be shared by several nodes).
-    """
-    out = []
-    for name in sorted(os.listdir(run_dir)):
-        info = _read_json(os.path.join(run_dir, name)) if name.endswith(".json") else None
-        if not info or info.get("host", socket.gethostname()) != socket.gethostname():
-            continue
-        if name.startswith("launch"):
-            pid, ctime, agent = info["agent_pid"], info["agent_ctime"], info["agent_pid"]
-        elif name.endswith(".pid.json"):
-            pid, ctime, agent = info["pid"], info["create_time"], info.get("agent_pid")
-        else:
-            continue
-        if agent_pid is None or agent == agent_pid:
-            out.append({"file": name, "pid": pid, "create_time": ctime})
-    return out
-
-
-def _process(pid: int, create_time: float | None):
-    """psutil.Process if that PID is still the same, un-reaped-or-running process, else None."""
-    try:
-        p = psutil.Process(pid)
-        if create_time is not None and abs(p.create_time() - create_time) > 0.05:
-            return None
-        return None if p.status() == psutil.STATUS_ZOMBIE else p
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def survivors(run_dir: str) -> list:
-    """Recorded processes of a launch that are still alive (zombies count as gone)."""
-    procs = [_process(d["pid"], d["create_time"]) for d in recorded_pids(run_dir)]
-    return [p for p in procs if p is not None]
-
-
-def _signal(procs, sig) -> None:
-    mine = os.getpgrp()
-    for p in procs:
-        try:
-            if not p.is_running():  # psutil compares start times: a reused PID is not ours
-                continue
-            if os.getpgid(p.pid) == p.pid != mine:  # a session leader: its whole group
-                os.killpg(p.pid, sig)
-            else:
-                p.send_signal(sig)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            pass
-
-
-class _Launch:
-    """One running torchrun: its Popen, run dir and the PIDs it has reported so far."""
-
-    def __init__(self, cmd, env, run_dir, node_tag):
-        self.run_dir, self.t0 = run_dir, time.monotonic()
-        self.log = open(os.path.join(run_dir, f"torchrun{node_tag}.log"), "ab")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        try:
-            self.agent_ctime = psutil.Process(self.proc.pid).create_time()
-        except psutil.NoSuchProcess:
-            self.agent_ctime = None
-        with open(os.path.join(run_dir, f"launch{node_tag}.json"), "w") as f:
-            json.dump({"agent_pid": self.proc.pid, "agent_ctime": self.agent_ctime,
-                       "launcher_pid": os.getpid(), "host": socket.gethostname(),
-                       "command": cmd}, f, indent=1)
-        _ACTIVE.add(self)
-
-    def processes(self) -> list:
-        found = {}
-        agent = _process(self.proc.pid, self.agent_ctime)
-        if agent is not None:
-            found[agent.pid] = agent
-            try:
-                found.update((c.pid, c) for c in agent.children(recursive=True))
-            except psutil.NoSuchProcess:
-                pass
-        for d in recorded_pids(self.run_dir, self.proc.pid):
-            p = _process(d["pid"], d["create_time"])
-            if p is not None:
-                found[p.pid] = p
-        return [p for p in found.values() if _process(p.pid, None) is not None]
-
-    def stop(self, grace: float = GRACE_S) -> None:
-        """SIGTERM the agent and every rank (with their process groups), then SIGKILL survivors."""
-        procs = self.processes()
-        if procs:
-            _signal(procs, signal.SIGTERM)
-            if _wait_gone(procs, grace):
-                _signal(self.processes() + procs, signal.SIGKILL)
-                _wait_gone(procs, 5.0)
-        try:
-            self.proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
-        self.log.close()
-        _ACTIVE.discard(self)
-
-
-def _wait_gone(procs, timeout: float) -> list:
-    deadline = time.monotonic() + timeout
-    alive = list(procs)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if _process(p.pid, None) is not None]
-    return alive
-
-
-@atexit.register
-def _stop_all() -> None:
-    for launch in list(_ACTIVE):
-        launch.stop(grace=2.0)
-
-
-class _Tail:
-    """Copies new text of a growing log file to sys.stdout (stream=True)."""
-
-    def __init__(self, path: str):
-        self.path, self.pos = path, 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def pump(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        self.pos += len(data)
-        text = self.decoder.decode(data)
-        if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-
 def _exit_grace() -> float:
     return float(os.environ.get("VL2LAB_EXIT_GRACE_S", EXIT_GRACE_S))
 
@@ -314,11 +184,11 @@ def _reported(run_dir: str) -> int:
     return sum(n.endswith(".status.json") for n in os.listdir(run_dir))
 
 
-def _wait(launch: _Launch, timeout, stream, progress_after, expected: int):
+def _wait(launch: Launch, timeout, stream, progress_after, expected: int):
     """Exit code of torchrun; None when the wall-clock timeout ran out; ``"stuck"`` when every rank of this node
     has reported but torchrun is still running :data:`EXIT_GRACE_S` (env ``VL2LAB_EXIT_GRACE_S``) later (a process hanging in its teardown,
     e.g. a communicator that does not shut down: the results are in, so the launch is stopped and returned)."""
-    tail = _Tail(os.path.join(launch.run_dir, "rank0.log")) if stream else None
+    tail = LogTail(os.path.join(launch.run_dir, "rank0.log")) if stream else None
     next_progress = progress_after
     all_in = None
     while True:
@@ -360,29 +230,20 @@ def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, 
     ``**kwargs`` go to ``fn`` in every rank (sent with torch.save); names that run() itself takes
     (``timeout``, ``env``, ...) cannot be forwarded this way: pass them inside a dict.
     """
-    target = _target_name(fn)
-    if not isinstance(world_size, int) or world_size < 1 or nnodes < 1 or world_size % nnodes:
-        raise ValueError(f"world_size={world_size!r} must be a positive int divisible by nnodes={nnodes}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
-    if not timeout or timeout <= 0:
-        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+    target = target_name(fn)
+    check_launch(world_size, nnodes, backend, timeout, rdzv_endpoint)
     multi = nnodes > 1 or rdzv_endpoint is not None
-    if multi and not rdzv_endpoint:
-        raise ValueError("a multi-node launch needs rdzv_endpoint='HOST:PORT' (reachable from all nodes)")
     nproc = world_size // nnodes
     node_tag = f".node{node_rank}" if multi else ""
     run_dir = _make_run_dir(run_dir, target, node_tag)
     kwargs_path = None
     if kwargs:
-        import torch
-
         kwargs_path = os.path.join(run_dir, "kwargs.pt")
         torch.save(kwargs, kwargs_path)
-    cmd = torchrun_command(target, nproc, run_dir, backend, max(10.0, min(timeout, 120.0)),
+    cmd = torchrun_command(target, nproc, run_dir, backend, init_timeout(timeout),
                            nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                            kwargs_path=kwargs_path)
-    launch = _Launch(cmd, _rank_env(nproc, run_dir, not multi, omp_threads, env), run_dir, node_tag)
+    launch = Launch(cmd, _rank_env(nproc, run_dir, not multi, omp_threads, env), run_dir, node_tag)
     try:
         rc = _wait(launch, timeout, stream, progress_after, nproc)
     finally:  # also on KeyboardInterrupt: nothing of the launch may outlive this call
@@ -404,50 +265,3 @@ def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, 
         msg, first = failure_message(records, rc, run_dir, node_tag)
         raise RankFailedError(msg, records, run_dir, launch.proc.pid, first)
     return res
-
-
-# ------------------------------------------------------------------------------------ command line
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vl2lab.launch.launcher",
-                                description="Run module:function on N ranks (torchrun) and print "
-                                            "the per-rank summary, or print the command per node.")
-    p.add_argument("target", help="module:function")
-    p.add_argument("-n", "--nproc-per-node", type=int, default=1)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--stream", action="store_true", help="show rank 0's output live")
-    p.add_argument("--print-command", action="store_true",
-                   help="print the torchrun command to run on each node instead of running")
-    a = p.parse_args(argv)
-    if a.print_command:
-        target = _target_name(a.target)
-        multi = a.nnodes > 1 or a.rdzv_endpoint is not None
-        if multi and not a.rdzv_endpoint:
-            p.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
-        run_dir = a.run_dir or os.path.join("vl2lab-runs", target.replace(":", "-"))
-        cmd = torchrun_command(target, a.nproc_per_node, run_dir, a.backend,
-                               max(10.0, min(a.timeout, 120.0)), nnodes=a.nnodes,
-                               node_rank="NODE_RANK", rdzv_endpoint=a.rdzv_endpoint, python="python")
-        line = " ".join("$NODE_RANK" if c == "NODE_RANK" else shlex.quote(c) for c in cmd)
-        if multi:
-            print(f"# on each of the {a.nnodes} nodes, with NODE_RANK set to 0..{a.nnodes - 1}:")
-        print("PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 " + line)
-        return 0
-    try:
-        res = run(a.target, a.nproc_per_node * a.nnodes, a.backend, a.timeout, stream=a.stream,
-                  run_dir=a.run_dir, nnodes=a.nnodes, node_rank=a.node_rank,
-                  rdzv_endpoint=a.rdzv_endpoint)
-    except RankFailedError as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(res.summary())
-    print(f"run dir: {res.run_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

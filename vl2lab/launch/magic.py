@@ -10,7 +10,7 @@ Afterwards ``a`` and ``b`` in the notebook are lists indexed by rank (like ipypa
 the cell prints the per-rank summary. The cell's source travels as text (nothing is pickled from
 ``__main__``); each rank execs it in a namespace holding ``rank``, ``world_size``, ``local_rank``,
 ``torch``, ``dist`` (torch.distributed), ``device`` and the pushed variables (sent with torch.save).
-A failing rank raises the same ``RankFailedError`` as ``vl2lab.launch.launcher.run``.
+A failing rank raises the same ``RankFailedError`` as ``vl2lab.run`` (``vl2lab.launch.run``).
 
 Lesson: notebook 00, section "3. The same, as a cell: `%%torchrun`".
 """
@@ -20,6 +20,8 @@ from __future__ import annotations
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from vl2lab.launch.launcher import run
 
 __all__ = ["TorchrunMagics", "load_ipython_extension"]
 
@@ -45,8 +47,6 @@ class TorchrunMagics(Magics):
     @argument("-o", "--out", default=None, help="also store the RankResults in this variable")
     def torchrun(self, line, cell):
         """Run this cell's code on N ranks (a fresh torchrun), pull variables back by rank."""
-        from vl2lab.launch.launcher import run
-
         args = parse_argstring(self.torchrun, line)
         ns = self.shell.user_ns
         push_names, pull = _names(args.push), _names(args.pull)

@@ -15,12 +15,13 @@ import json
 import os
 import re
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["RankRecord", "RankResults", "RankFailedError", "RankTimeoutError", "collect_records",
-           "failure_message", "timeout_message", "GRACE_S"]
+           "failure_message", "timeout_message", "read_json", "GRACE_S"]
 
 GRACE_S = 5.0  # between SIGTERM and SIGKILL when a launch is stopped
 
@@ -135,7 +136,8 @@ class RankTimeoutError(RankFailedError):
         return [r.rank for r in self.ranks if r.status == "missing"]
 
 
-def _read_json(path: str):
+def read_json(path: str):
+    """The JSON object in a file; None if it is missing or half-written."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -200,8 +202,8 @@ def collect_records(run_dir: str, world_size: int, multi: bool, timed_out: bool,
         path = os.path.join(run_dir, f"rank{r}")
         rec = RankRecord(rank=r, exitcode=codes.get(r),
                          log_path=path + ".log" if os.path.exists(path + ".log") else None)
-        rec.pid = (_read_json(path + ".pid.json") or {}).get("pid")
-        st = _read_json(path + ".status.json") or {}
+        rec.pid = (read_json(path + ".pid.json") or {}).get("pid")
+        st = read_json(path + ".status.json") or {}
         for key in ("status", "duration_s", "startup_s", "peak_rss_bytes", "peak_cuda_bytes",
                     "backend", "device", "exc_type", "message", "traceback", "start_time",
                     "end_time", "pid", "log_bytes"):
@@ -209,8 +211,6 @@ def collect_records(run_dir: str, world_size: int, multi: bool, timed_out: bool,
                 setattr(rec, key, st[key])
         if rec.status == "ok":
             try:
-                import torch
-
                 # map_location: a CUDA tensor hidden in an odd container must not wake CUDA here
                 rec.value = torch.load(path + ".result.pt", map_location="cpu", weights_only=False)
             except Exception as e:  # e.g. a class the launching process cannot import

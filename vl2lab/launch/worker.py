@@ -18,20 +18,35 @@ What each rank does, in order (Lesson: notebook 00, sections 2 and 4):
    ``rank{r}.status.json``. Both are written atomically (temp file, then rename), even on failure.
    A failing rank then re-raises, so torchrun stops the other ranks and names the root cause.
 
-Only torch and psutil are imported here; the rank never imports transformers unless ``fn`` does.
+Only torch, psutil and the launch package's own modules are imported here (torch before step 1, so what its
+import prints goes to ``torchrun.log``); the rank never imports transformers unless ``fn`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import linecache
 import os
+import resource
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+from datetime import timedelta
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from vl2lab.launch.processes import find_process, kill
+from vl2lab.parallel import groups as vdist
+
+__all__ = ["main", "run_source", "WATCHDOG_INTERVAL_S"]
 
 WATCHDOG_INTERVAL_S = 1.0
 
@@ -59,40 +74,21 @@ def _redirect_output(log_path: str) -> None:
 
 # ----------------------------------------------------------------------------------------- watchdog
 def _same_process(pid: int, create_time: float | None) -> bool:
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        same = create_time is None or abs(p.create_time() - create_time) < 0.05
-        return same and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _kill(pid: int, sig: int) -> None:
-    """Signal a process; a group leader (torchrun starts each rank in its own session) with its group."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    return find_process(pid, create_time) is not None
 
 
 def _kill_launch(agent_pid: int, agent_ctime: float) -> None:
     """SIGKILL the torchrun agent, every rank it started, then this rank's own process group."""
-    import psutil
-
     me = os.getpid()
     try:
-        if _same_process(agent_pid, agent_ctime):
-            for child in psutil.Process(agent_pid).children(recursive=True):
+        agent = find_process(agent_pid, agent_ctime)
+        if agent is not None:
+            for child in agent.children(recursive=True):
                 if child.pid != me:
-                    _kill(child.pid, signal.SIGKILL)
-            _kill(agent_pid, signal.SIGKILL)
+                    kill(child.pid, signal.SIGKILL)
+            kill(agent_pid, signal.SIGKILL)
     finally:
-        _kill(me, signal.SIGKILL)
+        kill(me, signal.SIGKILL)
 
 
 def _watchdog(agent_pid: int, agent_ctime: float) -> None:
@@ -109,8 +105,6 @@ def _watchdog(agent_pid: int, agent_ctime: float) -> None:
 
 
 def _start_watchdog() -> None:
-    import psutil
-
     agent = psutil.Process().parent()
     threading.Thread(target=_watchdog, args=(agent.pid, agent.create_time()),
                      name="vl2lab-watchdog", daemon=True).start()
@@ -119,8 +113,6 @@ def _start_watchdog() -> None:
 # ------------------------------------------------------------------------------------- rank helpers
 def _to_cpu(x):
     """Tensors (also inside dicts, lists and tuples) → detached CPU tensors; everything else as is."""
-    import torch
-
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
     if isinstance(x, dict):
@@ -138,8 +130,6 @@ def _to_cpu(x):
 
 
 def _resolve(target: str):
-    import importlib
-
     module_name, _, qualname = target.partition(":")
     obj = importlib.import_module(module_name)
     for part in qualname.split("."):
@@ -149,11 +139,6 @@ def _resolve(target: str):
 
 def _init_backend(requested: str, timeout_s: float):
     """Returns (backend, device) after init_process_group; "auto" → nccl iff each local rank has a GPU."""
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     backend = requested
@@ -181,8 +166,6 @@ def _init_backend(requested: str, timeout_s: float):
 
 
 def _peak_rss_bytes() -> int:
-    import resource
-
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return int(kib) * (1 if sys.platform == "darwin" else 1024)
 
@@ -193,13 +176,6 @@ def run_source(source: str, push: dict | None = None, pull: tuple = ()) -> dict:
     The namespace starts with ``rank``, ``world_size``, ``local_rank``, ``torch``, ``dist``
     (torch.distributed), ``device`` and the pushed variables.
     """
-    import linecache
-
-    import torch
-    import torch.distributed as dist
-
-    from vl2lab.parallel import groups as vdist
-
     filename = "<%%torchrun cell>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     ns = {"__name__": "__torchrun__", "rank": vdist.rank(), "world_size": vdist.world_size(),
@@ -218,8 +194,6 @@ def _run_rank(args, status: dict) -> None:
     result_path = os.path.join(args.run_dir, f"rank{rank}.result.pt")
     value, error, tb = None, None, None
     try:
-        import torch
-
         backend, device = _init_backend(args.backend, args.init_timeout)
         status.update(backend=backend, device=str(device))
         fn = _resolve(args.target)
@@ -228,8 +202,6 @@ def _run_rank(args, status: dict) -> None:
         value = _to_cpu(fn(**kwargs))
     except BaseException as e:  # noqa: BLE001 — SystemExit and KeyboardInterrupt are rank failures too
         error, tb = e, traceback.format_exc()
-    import torch
-
     try:
         _write_atomic(result_path, lambda f: torch.save(value, f))
     except Exception as e:  # the return value could not be pickled
@@ -254,38 +226,34 @@ def _run_rank(args, status: dict) -> None:
     _write_json(os.path.join(args.run_dir, f"rank{rank}.status.json"), status)
     if error is not None:
         raise error
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m vl2lab.launch.worker", description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--target", required=True, help="module:function")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--init-timeout", type=float, default=120.0)
-    p.add_argument("--kwargs", default=None, help="torch.save file holding the keyword arguments")
+    p.add_argument("--run-dir", required=True, help="the launch's run dir (required)")
+    p.add_argument("--target", required=True, help="module:function to call (required)")
+    p.add_argument("--backend", default="auto", help="auto, gloo or nccl (default: %(default)s)")
+    p.add_argument("--init-timeout", type=float, default=120.0,
+                   help="init_process_group's timeout in seconds (default: %(default)g)")
+    p.add_argument("--kwargs", default=None,
+                   help="torch.save file holding the keyword arguments (default: none)")
     args = p.parse_args(argv)
     args.run_dir = os.path.abspath(args.run_dir)
     os.makedirs(args.run_dir, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
     log_path = os.path.join(args.run_dir, f"rank{rank}.log")
-    start = time.time()
+    start = psutil.Process().create_time()  # the process's start: startup_s counts the interpreter and imports
     _redirect_output(log_path)
-    import psutil
-
     _write_json(os.path.join(args.run_dir, f"rank{rank}.pid.json"),
-                {"rank": rank, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+                {"rank": rank, "pid": os.getpid(), "create_time": start,
                  "agent_pid": os.getppid(), "host": socket.gethostname()})
     _start_watchdog()
     status = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
               "world_size": int(os.environ.get("WORLD_SIZE", 1)), "status": "running",
               "target": args.target, "pid": os.getpid(), "host": socket.gethostname(),
               "backend": None, "device": None, "log_path": log_path, "start_time": start}
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     record(_run_rank)(args, status)
 
 

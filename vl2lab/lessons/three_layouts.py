@@ -7,34 +7,42 @@ data-parallel replicas, for throughput".
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
-from vl2lab.lessons.sharded_vs_dense import _barrier, _sync, describe_rank, forward_intervals
-from vl2lab.parallel.layers import _rank_world
-from vl2lab.parallel.load import as_dtype, load_sharded
-from vl2lab.parallel.shard import CommCounter, param_bytes
+from vl2lab.model.dtypes import as_dtype
+from vl2lab.parallel.comm import CommCounter, describe_rank, param_bytes
+from vl2lab.parallel.groups import barrier, rank_world
+from vl2lab.parallel.groups import device as rank_device
+from vl2lab.parallel.load import load_sharded
+from vl2lab.parallel.pipeline import PipelineLM, describe, load_layer_split
+from vl2lab.parallel.pipeline import generate as ls_generate
+from vl2lab.serve.deploy import forward_intervals, sync
+from vl2lab.train.scenes import dataset
+from vl2lab.train.score import answer_text
+from vl2lab.weights.pretrained import load_pretrained
 
 __all__ = ["three_layouts"]
 
 
 def _timed_batch(fn, device, group) -> tuple:
     """(result, seconds): every rank starts together (barrier) and the time runs until the last rank is done."""
-    _barrier(group)
+    barrier(group)
     t0 = time.perf_counter()
     res = fn()
-    _sync(device)
-    _barrier(group)
+    sync(device)
+    barrier(group)
     return res, time.perf_counter() - t0
 
 
 def _free(device) -> None:
     """Return the memory of the models just deleted (the caller drops its references first)."""
-    import gc
-
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -61,15 +69,7 @@ def three_layouts(snapshot_path: str, n_requests: int = 8, max_new_tokens: int =
     answers the lone request once untimed first: the first run in a process pays one-time costs (on a GPU, loading
     kernels and growing the allocator: 3.5 s against 0.6 s for 32 tokens of tiny on one H200) that would
     otherwise be charged to whichever layout runs first."""
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data.distributed import DistributedSampler
-
-    from vl2lab.weights.checkpoint import load_pretrained
-    from vl2lab.parallel.groups import device as rank_device
-    from vl2lab.parallel.pipeline import PipelineLM, describe, generate as ls_generate, load_layer_split
-    from vl2lab.train.scenes import answer_text, dataset
-
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     device = rank_device()
     examples = list(dataset("eval", n_requests))
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, ignore_eos=True)

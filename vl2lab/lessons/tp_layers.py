@@ -1,8 +1,7 @@
 """Rank-side proofs that the tensor-parallel layers compute what the dense layers compute.
 
 Lesson: notebook 02, sections "1. Two ways to split a linear layer",
-"2. Both splits on N ranks, checked against the dense layer", "3. Column → row: one all-reduce per block" and
-"5. A published tensor-parallel example, run".
+"2. Both splits on N ranks, checked against the dense layer" and "3. Column → row: one all-reduce per block".
 
 Every function except :func:`shard_table` is a *rank function*: it runs on every rank with
 ``torch.distributed`` initialised and returns a plain dict (numbers, strings, CPU tensors).
@@ -25,52 +24,32 @@ Tolerances. Each comparison reports max |Δ|, its rule, ``exact`` (Δ == 0 every
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vl2lab.parallel.groups import device as _rank_device
-from vl2lab.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
-                       gather_from_tp, shard_range, split_sizes)
+from vl2lab.model.dtypes import as_dtype
+from vl2lab.parallel.comm import CommCounter
+from vl2lab.parallel.groups import device as rank_device
+from vl2lab.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from vl2lab.parallel.ops import gather_from_tp, shard_range, split_sizes
 
-__all__ = ["check_layers", "article_column_allreduce", "article_row_as_batch_split", "article_examples",
-           "shard_table", "count_collectives"]
+__all__ = ["check_layers", "shard_table", "Report", "close_dtype", "abs_mm", "TOLERANCES"]
 
-_CLOSE = {torch.float32: (1e-5, 1.3e-6), torch.float64: (1e-7, 1e-7)}
+# torch.testing.assert_close's defaults (atol, rtol), for sums an all-reduce reorders
+TOLERANCES = {torch.float32: (1e-5, 1.3e-6), torch.float64: (1e-7, 1e-7)}
 
 
-def _dtype(name) -> torch.dtype:
-    dt = getattr(torch, name, None) if isinstance(name, str) else name
-    if dt not in _CLOSE:
+def close_dtype(name) -> torch.dtype:
+    """float32 or float64 (the dtypes the tolerances are stated for), or one clear error."""
+    dt = as_dtype(name)
+    if dt not in TOLERANCES:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
     return dt
 
 
-@contextlib.contextmanager
-def count_collectives():
-    """Count torch.distributed.all_reduce / all_gather calls made inside the block (by wrapping them)."""
-    counts = {"all_reduce": 0, "all_gather": 0}
-    originals = {name: getattr(dist, name) for name in counts}
-
-    def wrap(name):
-        def counted(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-        return counted
-
-    for name in counts:
-        setattr(dist, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
-class _Report:
+class Report:
     """Collects comparisons as {name: {max_abs_diff, rule, atol, rtol, exact, pass}}."""
 
     def __init__(self, dtype):
@@ -87,13 +66,13 @@ class _Report:
             atol = k * self.eps * float(torch.as_tensor(scale).detach()) / (1 - k * self.eps / 2)
             rtol, text = 0.0, f"reorder(K={k}): K·eps·max Σ|terms|"
         else:
-            (atol, rtol), text = _CLOSE[self.dtype], "close: assert_close defaults"
+            (atol, rtol), text = TOLERANCES[self.dtype], "close: assert_close defaults"
         ok = bool((diff <= atol + rtol * ref.abs()).all())
         self.rows[name] = {"max_abs_diff": float(diff.max()) if diff.numel() else 0.0, "rule": text,
                            "atol": atol, "rtol": rtol, "exact": bool((diff == 0).all()), "pass": ok}
 
 
-def _abs_mm(a, b):  # max over elements of Σ|a_ik b_kj|: the size of the terms a dot product adds
+def abs_mm(a, b):  # max over elements of Σ|a_ik b_kj|: the size of the terms a dot product adds
     return (a.detach().abs().double() @ b.detach().abs().double()).max()
 
 
@@ -119,13 +98,13 @@ def check_layers(seed: int = 0, dtype: str = "float32", batch: int = 2, seq: int
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32: the tolerances assume true float32 GEMMs
     try:
-        return _check_layers(seed, _dtype(dtype), batch, seq, hidden, heads, head_dim, intermediate, vocab)
+        return _check_layers(seed, close_dtype(dtype), batch, seq, hidden, heads, head_dim, intermediate, vocab)
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
 def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, vocab) -> dict:
-    dev, rank, world = _rank_device(), dist.get_rank(), dist.get_world_size()
+    dev, rank, world = rank_device(), dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(seed)  # same stream on every rank
 
     def randn(*shape):
@@ -139,7 +118,7 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
                 lin.bias.copy_(randn(o))
         return lin
 
-    rep, bt = _Report(dt), batch * seq
+    rep, bt = Report(dt), batch * seq
     out_c = heads * head_dim
     x = randn(batch, seq, hidden)  # [B, T, hidden], the same on every rank
 
@@ -161,7 +140,7 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
                  + dense.bias.detach().abs().double()).max())
         rep.add(f"{name}.grad_x", xp.grad, xd.grad, "close")
         rep.add(f"{name}.grad_w", par.weight.grad, dense.weight.grad[s:e], "reorder", bt,
-                _abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
+                abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
         rep.add(f"{name}.grad_b", par.bias.grad, dense.bias.grad[s:e], "reorder", bt, gy.abs().sum((0, 1)).max())
 
     # Row parallel: input split by whole heads (as o_proj), input given split or whole.
@@ -180,9 +159,9 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
         yp.backward(gy)
         rep.add(f"{name}.out", yp, y, "close")
         rep.add(f"{name}.grad_x", xp.grad, xd.grad[..., s:e] if parallel_in else xd.grad, "reorder", hidden,
-                _abs_mm(gy.reshape(bt, -1), dense.weight))
+                abs_mm(gy.reshape(bt, -1), dense.weight))
         rep.add(f"{name}.grad_w", par.weight.grad, dense.weight.grad[:, s:e], "reorder", bt,
-                _abs_mm(gy.reshape(bt, -1).T, xr.reshape(bt, -1)))
+                abs_mm(gy.reshape(bt, -1).T, xr.reshape(bt, -1)))
         rep.add(f"{name}.grad_b", par.bias.grad, dense.bias.grad, "reorder", bt, gy.abs().sum((0, 1)).max())
 
     # Vocab-parallel embedding: ids on every shard, repeated ids accumulate gradient.
@@ -210,12 +189,12 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
     xp = x.clone().requires_grad_()
     yp = par(xp)
     yp.backward(gy)
-    rep.add("lm_head.logits", yp, y, "reorder", hidden, _abs_mm(x.reshape(bt, -1), head.weight.T))
+    rep.add("lm_head.logits", yp, y, "reorder", hidden, abs_mm(x.reshape(bt, -1), head.weight.T))
     rep.add("lm_head.grad_x", xp.grad, xd.grad, "close")
     with torch.no_grad():  # the same gather, with the widths exchanged instead of given
         rep.add("lm_head.gather_widths_exchanged", gather_from_tp(F.linear(x, par.weight)), yp, "copy")
     rep.add("lm_head.grad_w", par.weight.grad, head.weight.grad[par.start:par.end], "reorder", bt,
-            _abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
+            abs_mm(gy.reshape(bt, -1).T, x.reshape(bt, -1)))
 
     # SwiGLU MLP: down(silu(gate(x)) * up(x)); gate/up column, down row: ONE all-reduce in forward.
     gate, up = dense_linear(hidden, intermediate, False), dense_linear(hidden, intermediate, False)
@@ -227,9 +206,9 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
     pg, pu = ColumnParallelLinear.from_dense(gate), ColumnParallelLinear.from_dense(up)
     pd = RowParallelLinear.from_dense(down)
     xp = x.clone().requires_grad_()
-    with count_collectives() as fwd:
+    with CommCounter() as fwd:
         yp = pd(F.silu(pg(xp)) * pu(xp))  # [B,T,I_local] -> [B,T,hidden]
-    with count_collectives() as bwd:
+    with CommCounter() as bwd:
         yp.backward(gy)
     s, e = pg.start, pg.end
     rep.add("mlp.out", yp, y, "close")
@@ -242,115 +221,14 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
     return {
         "rank": rank, "world_size": world, "backend": dist.get_backend(), "device": str(dev), "dtype": str(dt),
         "checks": rep.rows,
-        "mlp_forward_all_reduces": fwd["all_reduce"], "mlp_forward_all_gathers": fwd["all_gather"],
-        "mlp_backward_all_reduces": bwd["all_reduce"],
+        "mlp_forward_all_reduces": fwd.totals["all_reduce"], "mlp_forward_all_gathers": fwd.totals["all_gather"],
+        "mlp_backward_all_reduces": bwd.totals["all_reduce"],
         "same_dot_products_bit_exact": all(r["exact"] for r in same_dot),
-        "all_pass": all(r["pass"] for r in rep.rows.values()) and fwd["all_reduce"] == (1 if world > 1 else 0),
+        "all_pass": all(r["pass"] for r in rep.rows.values()) and fwd.totals["all_reduce"] == (1 if world > 1 else 0),
     }
 
 
 # ------------------------------------------------------------------ the source article's two TP examples
-
-def _article_data(seed, batch, in_features, out_features, dt, dev):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, in_features, generator=gen, dtype=torch.float64).to(dt).to(dev)  # [B, in]
-    w = torch.randn(in_features, out_features, generator=gen, dtype=torch.float64).to(dt).to(dev)  # [in, out]
-    return x, w
-
-
-def _gather_cat(t: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor:
-    """All-gather blocks of possibly different lengths along ``dim`` (pad, gather, trim, concatenate)."""
-    pad = max(sizes) - t.shape[dim]
-    t = torch.cat([t, t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1:])], dim).contiguous()
-    pieces = [torch.empty_like(t) for _ in sizes]
-    dist.all_gather(pieces, t)
-    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim)
-
-
-def article_column_allreduce(seed: int = 0, batch: int = 4, in_features: int = 6, out_features: int = 8,
-                             dtype: str = "float32") -> dict:
-    """The article's column-parallel example, Y = X W with W [in, out] split by columns, finished with an
-    all-REDUCE — and the correct finish, an all-GATHER.
-
-    Rank r holds Y_r = X W[:, block_r], Y's column block r. Summing the blocks adds *different* output
-    columns together: the result has shape [B, out/N] and is Σ_r Y_r, not Y. Concatenating the blocks
-    (all-gather) gives Y exactly. At world size 1 both finishes are the identity and agree.
-    """
-    dt, dev = _dtype(dtype), _rank_device()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sizes = split_sizes(out_features, world)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"the article's all-reduce needs equal blocks: {out_features} columns over {world} "
-                         f"ranks gives {sizes}; pick out_features divisible by the world size")
-    x, w = _article_data(seed, batch, in_features, out_features, dt, dev)
-    s, e = shard_range(out_features, rank, world)
-    dense = x @ w  # [B, out]
-    partial = x @ w[:, s:e]  # [B, out/N] = Y[:, s:e]
-    summed = partial.clone()
-    dist.all_reduce(summed)  # Σ_r Y_r: [B, out/N] — the article's finish
-    gathered = _gather_cat(partial, 1, sizes)  # [B, out] — the correct finish
-    shape_ok = tuple(summed.shape) == tuple(dense.shape)
-    rep = _Report(dt)  # the gathered blocks are the same dot products: reorder(K=in) rule
-    rep.add("allgather", gathered, dense, "reorder", in_features, _abs_mm(x, w))
-    cpu = lambda t: t.detach().cpu()  # noqa: E731
-    return {
-        "rank": rank, "world_size": world,
-        "dense_shape": tuple(dense.shape), "allreduce_shape": tuple(summed.shape),
-        "allreduce_shape_matches": shape_ok,
-        "allreduce_equal": bool(shape_ok and torch.equal(summed, dense)),
-        "allreduce_max_err_vs_own_block": float((summed - dense[:, s:e]).abs().max()),
-        "allgather_shape": tuple(gathered.shape), "allgather_equal": bool(torch.equal(gathered, dense)),
-        "allgather_max_err": float((gathered - dense).abs().max()), "allgather": rep.rows["allgather"],
-        "x": cpu(x), "w": cpu(w), "dense": cpu(dense), "partial": cpu(partial), "allreduce_result": cpu(summed),
-        "allgather_result": cpu(gathered),
-    }
-
-
-def article_row_as_batch_split(seed: int = 0, batch: int = 8, in_features: int = 8, out_features: int = 6,
-                               dtype: str = "float32") -> dict:
-    """The article's "row parallel": split X by rows (the batch), multiply by W, concatenate.
-
-    It gives the right numbers, because rows of Y = X W only need their own rows of X — but every rank
-    multiplies by the WHOLE W [in, out]: that is data parallelism (split the batch, replicate the
-    weights), and the weight memory per rank does not shrink. True row parallelism splits W by rows of
-    its *input* dim, W = [W_1; ...; W_N], X by the matching columns, and all-reduces partial sums:
-    Y = Σ_r X[:, block_r] W_r, with |W|/N bytes per rank (tolerance: "close", module docstring).
-    """
-    dt, dev = _dtype(dtype), _rank_device()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    x, w = _article_data(seed, batch, in_features, out_features, dt, dev)
-    dense = x @ w  # [B, out]
-    # article: rows of X, whole W
-    bs, be = shard_range(batch, rank, world)
-    y_rows = x[bs:be] @ w  # [B/N, out]
-    batch_split = _gather_cat(y_rows, 0, split_sizes(batch, world))  # [B, out]
-    # true row parallel: columns of X, rows of W's input dim, all-reduce partial sums
-    s, e = shard_range(in_features, rank, world)
-    w_local = w[s:e].contiguous()  # [in/N, out]
-    partial = x[:, s:e] @ w_local  # [B, out], this rank's term
-    row = partial.clone()
-    dist.all_reduce(row)
-    rep = _Report(dt)
-    rep.add("batch_split", batch_split, dense, "reorder", in_features, _abs_mm(x, w))
-    rep.add("row_parallel", row, dense, "close")
-    el = w.element_size()
-    return {
-        "rank": rank, "world_size": world,
-        "batch_split_equal": bool(torch.equal(batch_split, dense)),
-        "batch_split_max_err": float((batch_split - dense).abs().max()), "batch_split": rep.rows["batch_split"],
-        "w_bytes_total": w.numel() * el,
-        "w_bytes_per_rank_batch_split": w.numel() * el,  # the whole W on every rank
-        "w_bytes_per_rank_row_parallel": w_local.numel() * el,
-        "w_bytes_all_ranks_batch_split": world * w.numel() * el,
-        "w_bytes_all_ranks_row_parallel": w.numel() * el,
-        "row_parallel": rep.rows["row_parallel"],
-        "verdict": "splitting X by rows replicates W: data parallelism, not tensor parallelism",
-        "dense": dense.detach().cpu(), "batch_split_result": batch_split.detach().cpu(),
-        "row_parallel_result": row.detach().cpu(),
-    }
-
-
-# ------------------------------------------------------------------------------- pure table for drawings
 
 def shard_table(out_features: int, in_features: int, world_size: int, unit: int = 1) -> dict:
     """Per-rank shard ranges and shapes of a dense W [out, in] split column-wise (out dim) and row-wise
@@ -370,9 +248,3 @@ def shard_table(out_features: int, in_features: int, world_size: int, unit: int 
             "column": column, "row": row,
             "column_finish": "output split: all-gather along the last dim if needed whole",
             "row_finish": "partial sums of full shape: one all-reduce, then the bias once"}
-
-
-def article_examples(seed: int = 0, dtype: str = "float32") -> dict:
-    """Both article reproductions in one rank function (one launch for the notebook cell)."""
-    return {"column_allreduce": article_column_allreduce(seed=seed, dtype=dtype),
-            "row_as_batch_split": article_row_as_batch_split(seed=seed, dtype=dtype)}

@@ -30,15 +30,17 @@ and o_proj with a row-parallel one: the head count is never stored, it is read f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["RMSNorm", "Rotary", "KVCache", "MHAttention", "MLAttention", "rotate_half", "apply_rope",
-           "deinterleave"]
+           "deinterleave", "attention_kernel"]
 
 
 class RMSNorm(nn.Module):
@@ -183,6 +185,17 @@ def _attend(q, k, v, mask, scale):
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def attention_kernel(attn: str):
+    """A context for the attention kernel: SDPA as it chooses (``"sdpa"``: flash / memory-efficient where they
+    apply), or SDPA's math kernel, which materialises the [B, h, T, Tk] scores like eager attention (``"eager"``
+    or ``"math"``)."""
+    if attn == "sdpa":
+        return contextlib.nullcontext()
+    if attn not in ("eager", "math"):
+        raise ValueError(f"attention must be 'sdpa', 'eager' or 'math', got {attn!r}")
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class MHAttention(nn.Module):

@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 from vl2lab.model.config import VL2Config, get_config
+from vl2lab.model.generation import generate
+from vl2lab.model.graph_decode import decoder_for
+from vl2lab.model.language import DeepseekLanguageModel
 from vl2lab.model.vision import Projector, build_vision_tower, encode_tiles, image_token_count, layout_images
 
 __all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model"]
@@ -42,7 +45,6 @@ class DeepseekVL2ForCausalLM(nn.Module):
 
     def __init__(self, config: VL2Config):
         super().__init__()
-        from vl2lab.model.language import DeepseekLanguageModel
 
         config.validate()
         self.config = config
@@ -134,7 +136,6 @@ class DeepseekVL2ForCausalLM(nn.Module):
 
         ``decode``: ``"eager"`` (a Python loop of forwards), or greedy through a static step replayed as a CUDA graph
         (``"graph"``; ``"compile"`` adds torch.compile): same tokens, see :mod:`vl2lab.model.graph_decode`."""
-        from vl2lab.model.generation import generate
 
         lm_cfg = self.config.language_config
         eos = lm_cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -149,17 +150,11 @@ class DeepseekVL2ForCausalLM(nn.Module):
         if decode != "eager":
             if do_sample:
                 raise ValueError(f"decode={decode!r} is greedy only; use decode='eager' for sampling")
-            from vl2lab.model.graph_decode import decoder_for
             B, T = input_ids.shape
             dec = decoder_for(self.language, B, T + max_new_tokens, embeds.device, decode, eos, pad, ignore_eos)
             return dec.generate(embeds, attention_mask, max_new_tokens)
         return generate(self.language, embeds, attention_mask, max_new_tokens, do_sample, temperature, top_p,
                         eos, pad, generator=generator, ignore_eos=ignore_eos)
-
-    def save_pretrained(self, path: str, max_shard_bytes: Optional[int] = None, processor=None) -> None:
-        """Write an official-layout snapshot folder (see :func:`vl2lab.weights.checkpoint.save_pretrained`)."""
-        from vl2lab.weights.checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, processor=processor)
 
 
 def build_model(config_or_preset_name: Union[VL2Config, str], dtype: torch.dtype = torch.float32,

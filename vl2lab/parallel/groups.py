@@ -1,4 +1,4 @@
-"""Small helpers for code that runs inside a rank (started by ``vl2lab.launch.launcher.run`` or ``%%torchrun``).
+"""Ranks and groups: helpers for code that runs inside a rank (started by ``vl2lab.run`` or ``%%torchrun``).
 
 They read the initialised ``torch.distributed`` process group, and fall back to torchrun's
 environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or to a single process, so the
@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "local_rank", "is_main", "rank_print", "device", "barrier"]
+__all__ = ["rank", "world_size", "local_rank", "is_main", "rank_print", "device", "barrier", "rank_world"]
 
 
 def _ready() -> bool:
@@ -54,10 +54,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (nothing to wait for when not launched)."""
-    if _ready():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[local_rank()])
+def rank_world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (the default group when None); (0, 1) when torch.distributed is not
+    initialised, so the same code runs in a plain Python session."""
+    if not _ready():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def barrier(group=None) -> None:
+    """Wait until every rank of ``group`` gets here (nothing to wait for when not launched or alone)."""
+    if _ready() and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl":
+            dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
         else:
-            dist.barrier()
+            dist.barrier(group=group)

@@ -1,5 +1,4 @@
-"""Tensor-parallel layers: Megatron's f/g operators, column and row parallel Linear, vocab-parallel
-embedding and LM head.
+"""Tensor-parallel layers: column- and row-parallel Linear, vocab-parallel embedding and LM head.
 
 Lesson: notebook 02, sections "1. Two ways to split a linear layer",
 "2. Both splits on N ranks, checked against the dense layer" and "3. Column → row: one all-reduce per block".
@@ -18,193 +17,37 @@ over N ranks:
 Column then row (gate/up column, down row) needs no communication in between: the column layer's split
 output is exactly the split input the row layer wants, so an MLP costs one all-reduce in forward.
 
-The communication is written as four autograd Functions named after the Megatron-LM paper:
-f = ``copy_to_tp`` (identity forward, all-reduce backward), g = ``reduce_from_tp`` (all-reduce forward,
-identity backward), ``gather_from_tp`` (all-gather forward, own slice backward) and ``scatter_to_tp``
-(own slice forward, all-gather backward). Every one is the identity at world size 1, and when
-``torch.distributed`` is not initialised (so the layers also run in a plain Python session).
+The communication is Megatron's f/g operators (:mod:`vl2lab.parallel.ops`). Every layer takes its (rank, world
+size) from ``group``, or explicitly (``rank=, world_size=``) to build any rank's shard on the meta device.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "split_sizes", "shard_range", "shard_tensor",
-    "copy_to_tp", "reduce_from_tp", "gather_from_tp", "scatter_to_tp",
-    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
-]
+from vl2lab.parallel.groups import rank_world
+from vl2lab.parallel.ops import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp, shard_range, split_sizes
 
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead"]
 
-# --------------------------------------------------------------------------------------- split arithmetic
-
-def split_sizes(n: int, world_size: int, unit: int = 1) -> list[int]:
-    """Per-rank sizes for splitting ``n`` elements into blocks of ``unit`` (e.g. unit=head_dim splits by
-    whole heads). Uneven block counts give the first ranks one block more: 10 heads on 4 ranks → 3,3,2,2."""
-    if world_size < 1 or unit < 1 or n < 0:
-        raise ValueError(f"split_sizes needs n >= 0, world_size >= 1 and unit >= 1; got n={n}, "
-                         f"world_size={world_size}, unit={unit}")
-    if n % unit:
-        raise ValueError(f"cannot split {n} elements into whole blocks of {unit}: {n} is not a multiple "
-                         f"of {unit}; pass a unit that divides it (unit=1 splits element by element)")
-    blocks = n // unit
-    if blocks < world_size:
-        raise ValueError(f"cannot split {blocks} block(s) of {unit} over {world_size} ranks: at least one "
-                         f"rank would hold nothing; use a world size <= {blocks}")
-    base, extra = divmod(blocks, world_size)
-    return [(base + (r < extra)) * unit for r in range(world_size)]
-
-
-def shard_range(n: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
-    """(start, end) of rank's block of ``n`` elements, split as in :func:`split_sizes`."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    sizes = split_sizes(n, world_size, unit)
-    start = sum(sizes[:rank])
-    return start, start + sizes[rank]
-
-
-def shard_tensor(t: torch.Tensor, dim: int, rank: int, world_size: int, unit: int = 1) -> torch.Tensor:
-    """Rank's slice of ``t`` along ``dim`` (split as in :func:`split_sizes`), as a fresh contiguous copy,
-    so the full tensor can be freed afterwards."""
-    start, end = shard_range(t.shape[dim], rank, world_size, unit)
-    return t.narrow(dim, start, end - start).clone(memory_format=torch.contiguous_format)
-
-
-def _rank_world(group=None) -> tuple[int, int]:
-    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-# ------------------------------------------------------------------------------- Megatron's f / g operators
-
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous().clone()  # never reduce in place into a tensor someone else holds
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def _exchange_widths(x: torch.Tensor, group) -> list[int]:
-    """Every rank's last-dim size (one tiny all-gather)."""
-    _, world = _rank_world(group)
-    mine = torch.tensor([x.shape[-1]], device=x.device, dtype=torch.long)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    return [int(s.item()) for s in every]
-
-
-def _all_gather_last(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
-    """All-gather along the last dim; uneven sizes: pad to the largest, gather, trim each piece."""
-    rank, world = _rank_world(group)
-    if len(sizes) != world or x.shape[-1] != sizes[rank]:
-        raise ValueError(f"rank {rank} holds {x.shape[-1]} columns but the gather layout is {sizes} "
-                         f"for {world} ranks; pass the widths every rank really holds")
-    width = max(sizes)
-    x = F.pad(x, (0, width - x.shape[-1])).contiguous()  # [..., width]
-    pieces = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(pieces, x, group=group)
-    return torch.cat([p[..., :s] for p, s in zip(pieces, sizes)], dim=-1)  # [..., sum(sizes)]
-
-
-def _own_slice_last(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
-    rank, _ = _rank_world(group)
-    start = sum(sizes[:rank])
-    return x[..., start:start + sizes[rank]].contiguous()
-
-
-class _CopyToTP(torch.autograd.Function):
-    """f: forward identity (every rank needs the whole X); backward all-reduce (each rank only has the
-    gradient flowing through its own shard, dL/dX = sum_r dL/dY_r W_r)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """g: forward all-reduce (sum the partial products); backward identity (the sum's gradient reaches
-    every term unchanged)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    """Forward all-gather along the last dim; backward keep this rank's slice of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return _all_gather_last(x, group, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _own_slice_last(grad, ctx.group, ctx.sizes), None, None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    """Forward keep this rank's slice of the last dim; backward all-gather the gradient slices."""
-
-    @staticmethod
-    def forward(ctx, x, group, unit):
-        _, world = _rank_world(group)
-        ctx.group, ctx.sizes = group, split_sizes(x.shape[-1], world, unit)
-        return _own_slice_last(x, group, ctx.sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_last(grad, ctx.group, ctx.sizes), None, None
-
-
-def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
-    """f: identity forward, all-reduce backward."""
-    return x if _rank_world(group)[1] == 1 else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
-    """g: all-reduce forward, identity backward."""
-    return x if _rank_world(group)[1] == 1 else _ReduceFromTP.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
-    """All-gather along the last dim (forward), own slice (backward). ``sizes``: every rank's width; when
-    omitted, the widths are exchanged first."""
-    _, world = _rank_world(group)
-    if world == 1:
-        return x
-    if sizes is None:
-        sizes = _exchange_widths(x, group)
-    return _GatherFromTP.apply(x, group, list(sizes))
-
-
-def scatter_to_tp(x: torch.Tensor, group=None, unit: int = 1) -> torch.Tensor:
-    """Own slice of the last dim (forward, split as in :func:`split_sizes`), all-gather (backward)."""
-    return x if _rank_world(group)[1] == 1 else _ScatterToTP.apply(x, group, unit)
-
-
-# ------------------------------------------------------------------------------------------------ layers
 
 def _uniform_(t: torch.Tensor | None, fan_in: int) -> None:
     """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with the *dense* fan_in."""
     if t is not None and not t.is_meta:
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         nn.init.uniform_(t, -bound, bound)
+
+
+def _placement(group, rank, world_size) -> tuple[int, int]:
+    """(rank, world size): given explicitly (a shard built for inspection, any rank), or read from ``group``."""
+    if rank is None and world_size is None:
+        return rank_world(group)
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: give both, with 0 <= rank < world_size")
+    return rank, world_size
 
 
 def _materialise(layer: nn.Module, like: torch.Tensor) -> nn.Module:
@@ -219,16 +62,18 @@ class ColumnParallelLinear(nn.Module):
     Rank r computes Y_r = X W_r^T + b_r: Y's column block [start:end) (each element is the same dot product
     as in the dense layer). Forward: f (identity) → F.linear → optional all-gather of Y's blocks.
     Backward: dL/dX = sum_r dL/dY_r W_r, the all-reduce inside f.
-    ``unit`` splits in whole blocks (unit=head_dim: whole heads). Uneven block counts are allowed.
+    ``unit`` splits in whole blocks (unit=head_dim: whole heads). Uneven block counts are allowed. ``from_dense``
+    passes ``rank=, world_size=`` (``**place``) through to the constructor.
     Built from a dense nn.Linear with :meth:`from_dense`; the constructor alone draws a fresh local init.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
-                 unit: int = 1, group=None, device=None, dtype=None):
+                 unit: int = 1, group=None, device=None, dtype=None,
+                 rank=None, world_size=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.unit, self.group = gather_output, unit, group
-        self.rank, self.world_size = _rank_world(group)
+        self.rank, self.world_size = _placement(group, rank, world_size)
         self.sizes = split_sizes(out_features, self.world_size, unit)
         self.start, self.end = shard_range(out_features, self.rank, self.world_size, unit)
         local = self.end - self.start
@@ -239,13 +84,13 @@ class ColumnParallelLinear(nn.Module):
         _uniform_(self.bias, in_features)
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, group=None, gather_output: bool = False, unit: int = 1):
+    def from_dense(cls, module: nn.Linear, group=None, gather_output: bool = False, unit: int = 1, **place):
         """This rank's rows of a dense nn.Linear (copied, so the dense layer can be freed)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"ColumnParallelLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
         w = module.weight  # [out, in]
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                    gather_output=gather_output, unit=unit, group=group, device="meta", dtype=w.dtype)
+                    gather_output=gather_output, unit=unit, group=group, device="meta", dtype=w.dtype, **place)
         _materialise(layer, w)
         with torch.no_grad():
             layer.weight.copy_(w[layer.start:layer.end])
@@ -277,11 +122,12 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
-                 unit: int = 1, group=None, device=None, dtype=None):
+                 unit: int = 1, group=None, device=None, dtype=None,
+                 rank=None, world_size=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.unit, self.group = input_is_parallel, unit, group
-        self.rank, self.world_size = _rank_world(group)
+        self.rank, self.world_size = _placement(group, rank, world_size)
         self.sizes = split_sizes(in_features, self.world_size, unit)
         self.start, self.end = shard_range(in_features, self.rank, self.world_size, unit)
         kw = dict(device=device, dtype=dtype)
@@ -291,13 +137,13 @@ class RowParallelLinear(nn.Module):
         _uniform_(self.bias, in_features)
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, group=None, input_is_parallel: bool = True, unit: int = 1):
+    def from_dense(cls, module: nn.Linear, group=None, input_is_parallel: bool = True, unit: int = 1, **place):
         """This rank's columns of a dense nn.Linear's weight, plus its whole bias (copied)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"RowParallelLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
         w = module.weight  # [out, in]
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                    input_is_parallel=input_is_parallel, unit=unit, group=group, device="meta", dtype=w.dtype)
+                    input_is_parallel=input_is_parallel, unit=unit, group=group, device="meta", dtype=w.dtype, **place)
         _materialise(layer, w)
         with torch.no_grad():
             layer.weight.copy_(w[:, layer.start:layer.end])
@@ -331,11 +177,11 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, group=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, rank=None, world_size=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.group = group
-        self.rank, self.world_size = _rank_world(group)
+        self.rank, self.world_size = _placement(group, rank, world_size)
         self.sizes = split_sizes(num_embeddings, self.world_size)
         self.start, self.end = shard_range(num_embeddings, self.rank, self.world_size)
         owns_pad = padding_idx is not None and self.start <= padding_idx < self.end
@@ -348,13 +194,13 @@ class VocabParallelEmbedding(nn.Module):
                     self.weight[self.local_padding_idx].zero_()
 
     @classmethod
-    def from_dense(cls, module: nn.Embedding, group=None):
+    def from_dense(cls, module: nn.Embedding, group=None, **place):
         """This rank's rows of a dense nn.Embedding (copied)."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"VocabParallelEmbedding.from_dense needs an nn.Embedding, got {type(module).__name__}")
         w = module.weight  # [vocab, dim]
         layer = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, group=group,
-                    device="meta", dtype=w.dtype)
+                    device="meta", dtype=w.dtype, **place)
         _materialise(layer, w)
         with torch.no_grad():
             layer.weight.copy_(w[layer.start:layer.end])
@@ -379,12 +225,12 @@ class ParallelLMHead(ColumnParallelLinear):
     all-gathered by default (uneven vocab splits are padded, gathered and trimmed)."""
 
     def __init__(self, hidden: int, vocab: int, bias: bool = False, gather_output: bool = True, group=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, rank=None, world_size=None):
         super().__init__(hidden, vocab, bias=bias, gather_output=gather_output, group=group,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, rank=rank, world_size=world_size)
 
     @classmethod
-    def from_dense(cls, module: nn.Linear | nn.Embedding, group=None, gather_output: bool = True):
+    def from_dense(cls, module: nn.Linear | nn.Embedding, group=None, gather_output: bool = True, **place):
         """From an nn.Linear lm_head, or an nn.Embedding whose table is tied to it (same [vocab, hidden])."""
         if isinstance(module, nn.Embedding):
             w, b = module.weight, None
@@ -394,7 +240,7 @@ class ParallelLMHead(ColumnParallelLinear):
             raise TypeError(f"ParallelLMHead.from_dense needs an nn.Linear or nn.Embedding, "
                             f"got {type(module).__name__}")
         layer = cls(w.shape[1], w.shape[0], bias=b is not None, gather_output=gather_output, group=group,
-                    device="meta", dtype=w.dtype)
+                    device="meta", dtype=w.dtype, **place)
         _materialise(layer, w)
         with torch.no_grad():
             layer.weight.copy_(w[layer.start:layer.end])

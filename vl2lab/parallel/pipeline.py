@@ -40,11 +40,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vl2lab.model.attention import KVCache
+from vl2lab.model.dtypes import as_dtype
+from vl2lab.model.generation import generate as generate_tokens
 from vl2lab.model.language import attention_inputs
-from vl2lab.parallel.layers import _rank_world
+from vl2lab.parallel.groups import device as rank_device
+from vl2lab.parallel.comm import param_bytes
+from vl2lab.parallel.groups import rank_world
+from vl2lab.weights.keys import state_tensors
+from vl2lab.weights.pretrained import check_snapshot, finish_load, materialise, read_config, skeleton
+from vl2lab.weights.reader import SnapshotReader, snapshot_bytes
 
-__all__ = ["LayerSplitError", "layer_ranges", "load_layer_split", "PipelineLM", "generate", "describe",
-           "check_layer_split"]
+__all__ = ["LayerSplitError", "layer_ranges", "load_layer_split", "PipelineLM", "generate", "describe"]
 
 
 class LayerSplitError(ValueError):
@@ -89,36 +96,21 @@ def load_layer_split(path, group=None, sizes: Optional[Sequence[int]] = None,
     """A snapshot folder → ``(model, processor)`` holding only this rank's part of the layer split (the whole
     snapshot is checked first; then only this rank's tensors are read). ``model.layer_split``: rank, world_size,
     layers (start, end), all ranges; ``model.load_report``: bytes_read, snapshot_bytes."""
-    from vl2lab.weights.checkpoint import (SnapshotReader, _load_processor, _parameters_on_meta, _plan, _read_config, _state_tensors,
-                             materialise)
-    from vl2lab.parallel.groups import device as rank_device
-    from vl2lab.model.vl2 import DeepseekVL2ForCausalLM
-    from vl2lab.parallel.load import as_dtype, snapshot_bytes
-
     dtype = as_dtype(dtype)
     device = torch.device(device) if device is not None else rank_device()
-    cfg = _read_config(path)
-    rank, world = _rank_world(group)
+    cfg = read_config(path)
+    rank, world = rank_world(group)
     ranges = layer_ranges(cfg.language_config.num_hidden_layers, world, sizes)
     start, end = ranges[rank]
     with SnapshotReader(os.fspath(path)) as reader:
-        with _parameters_on_meta(), torch.random.fork_rng(devices=[]):
-            model = DeepseekVL2ForCausalLM(cfg)
-        _plan(model, reader)                                        # CheckpointError before anything is read
+        model = skeleton(cfg)
+        check_snapshot(model, reader)                               # CheckpointError before anything is read
         _prune(model, rank, world, start, end)
-        materialise(reader, list(_state_tensors(model)), dtype, device)
+        materialise(reader, list(state_tensors(model)), dtype, device)
         bytes_read = reader.bytes_read
-    for mod in model.modules():                                     # non-persistent buffers (position ids)
-        for n in mod._non_persistent_buffers_set:
-            if mod._buffers.get(n) is not None:
-                mod._buffers[n] = mod._buffers[n].to(device)
-    model.eval()
     model.layer_split = {"rank": rank, "world_size": world, "layers": (start, end), "ranges": ranges}
     model.load_report = {"bytes_read": bytes_read, "snapshot_bytes": snapshot_bytes(path)}
-    processor = _load_processor(os.fspath(path))
-    if processor is not None and getattr(processor, "pad_id", None) is not None:
-        model.pad_token_id = int(processor.pad_id)
-    return model, processor
+    return finish_load(model, path, device)
 
 
 class PipelineLM:
@@ -129,12 +121,10 @@ class PipelineLM:
     the send; CUDA is synchronised at both ends, so an interval is real work) and the bytes it sent."""
 
     def __init__(self, model, group=None, keep_first_logits: bool = False):
-        from vl2lab.model.attention import KVCache
-
         self.model, self.group, self._cache_cls = model, group, KVCache
         self.lm = model.language
         self.config = self.lm.config
-        self.rank, self.world = _rank_world(group)
+        self.rank, self.world = rank_world(group)
         self.last = self.world - 1
         p = next(model.parameters())                                # every rank holds something
         self.dtype, self.device = p.dtype, p.device
@@ -193,8 +183,6 @@ def generate(model, batch, max_new_tokens: int = 32, group=None, stage: Optional
     """Greedy (or sampled, ``kwargs`` as in :func:`vl2lab.model.generation.generate`) tokens [B, N] on every rank
     of the layer split. ``batch``: the processor's output (every rank builds it; only rank 0 reads the images).
     ``stage``: a :class:`PipelineLM` to reuse (its ``intervals`` then accumulate)."""
-    from vl2lab.model.generation import generate as _generate
-
     stage = stage or PipelineLM(model, group)
     ids = batch["input_ids"].to(stage.device)
     mask = batch.get("attention_mask")
@@ -210,50 +198,12 @@ def generate(model, batch, max_new_tokens: int = 32, group=None, stage: Optional
     if pad is None:
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
     kwargs.setdefault("eos_token_id", cfg.eos_token_id)
-    return _generate(stage, embeds, mask, max_new_tokens, pad_token_id=pad, **kwargs)
+    return generate_tokens(stage, embeds, mask, max_new_tokens, pad_token_id=pad, **kwargs)
 
 
 def describe(model) -> dict:
     """What this rank holds: its layers, whether it has the vision side / embedding / head, parameter bytes."""
-    from vl2lab.parallel.shard import param_bytes
-
     s = model.layer_split
     return {"rank": s["rank"], "world_size": s["world_size"], "layers": s["layers"],
             "vision": model.vision is not None, "embedding": model.language.model.embed_tokens is not None,
             "head": model.language.lm_head is not None, "param_bytes": param_bytes(model)}
-
-
-def check_layer_split(model: str = "random-tiny", sizes: Optional[Sequence[int]] = None, max_new_tokens: int = 8,
-                      seed: int = 0, dtype: str = "float32", group=None) -> dict:
-    """Rank function: the layer split of ``model`` (a snapshot folder, or a preset: random weights written by rank
-    0 to a temp folder) against the whole model on one device, on the processor batches of
-    :func:`vl2lab.lessons.sharded_vs_dense.compare_all` ('single': one image + prompt; 'pair': two left-padded prompts).
-    Returns this rank's holding (``holds``), both token sets, ``tokens_equal``, ``logits_exact`` (the prefill
-    logits, computed by the last rank and broadcast, bit-identical to one device's), and the 'single' request's
-    compute intervals and bytes sent."""
-    from vl2lab.weights.checkpoint import load_pretrained
-    from vl2lab.lessons.sharded_vs_dense import _batches, _cleanup, _generate, _snapshot
-    from vl2lab.parallel.load import as_dtype
-    from vl2lab.parallel.shard import param_bytes
-
-    dt = as_dtype(dtype)
-    path, made = _snapshot(model, seed, group)
-    try:
-        split, processor = load_layer_split(path, group=group, sizes=sizes, dtype=dt)
-        device = next(split.parameters()).device
-        dense, _ = load_pretrained(path, dtype=dt, device=device)
-    finally:
-        _cleanup(path, made, group)
-    out = {"holds": describe(split), "dense_param_bytes": param_bytes(dense), "tokens": {}, "dense_tokens": {},
-           "tokens_equal": True, "logits_exact": True}
-    for name, batch in _batches(processor, True, device).items():
-        stage = PipelineLM(split, group, keep_first_logits=True)
-        tokens = generate(split, batch, max_new_tokens, group=group, stage=stage).cpu()
-        ref_tokens, ref_logits, _ = _generate(dense, batch, max_new_tokens)
-        out["tokens"][name], out["dense_tokens"][name] = tokens, ref_tokens
-        out["tokens_equal"] &= bool(torch.equal(tokens, ref_tokens))
-        out["logits_exact"] &= bool(torch.equal(stage.first_logits, ref_logits))
-        if name == "single":
-            out.update(intervals=list(stage.intervals), sent_bytes=stage.sent_bytes,
-                       broadcast_bytes=stage.broadcast_bytes)
-    return out

@@ -1,6 +1,12 @@
-"""Performance: the fixed workload and its measurement (``workload``), the benchmark (``bench``), the tuning ladder
-(``rungs``, ``ladder``, ``report``), the floor (``roofline``), the decode-step profiler, collectives timings and
-transformers' own model as a peer (``peer``).
+"""Performance: the fixed workload and its measurement (``workload``), time and memory on one device stage by stage
+(``memory``), the benchmark (``bench``), the tuning ladder (``rungs``, ``ladder``, ``report``), the floor
+(``roofline``), the decode-step profiler (``step_profile``), collectives timings (``collectives``) and transformers'
+own model as a peer (``peer``).
 
-Lesson: notebook 05 (tuning); notebook 01, section "4. Where time and memory go".
+Layers, bottom up (no module imports one above it): ``workload`` → ``roofline``, ``step_profile``, ``peer``,
+``collectives``, ``rungs``, ``memory`` → ``bench``, ``ladder``; ``report`` reads recorded JSON only. The perf layer
+builds on model, inputs, weights, parallel, planner and launch (and the workbook's figure functions, for the
+benchmark's plot and the results explorer), never on lessons, train or serve.
+
+Lesson: notebook 05, section "2. The ladder, run here"; notebook 01, section "4. Where time and memory go".
 """

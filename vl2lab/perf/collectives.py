@@ -20,6 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from vl2lab.launch.launcher import run as launch_run
+from vl2lab.model.dtypes import as_dtype
 from vl2lab.parallel.groups import barrier, device as rank_device
 
 __all__ = ["bench_collectives", "comm_bytes_per_token", "bus_factor", "nccl_settings_sweep", "NCCL_SETTINGS"]
@@ -54,11 +56,11 @@ def bench_collectives(sizes_bytes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22),
         raise ValueError(f"unknown op(s) {unknown}; choose from {_OPS}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dt = as_dtype(dtype)
     dev, n = rank_device(), dist.get_world_size()
     cuda = dev.type == "cuda"
     into_tensor = dist.get_backend() == "nccl"  # gloo takes the list form
-    el = torch.empty((), dtype=dt).element_size()
+    el = dt.itemsize
 
     def sync():
         if cuda:
@@ -139,19 +141,18 @@ def nccl_settings_sweep(world_size: int, settings=NCCL_SETTINGS, sizes_bytes=(1 
                         repeats: int = 50, timeout: float = 300.0) -> list:
     """One launch per NCCL setting (``settings``: dicts of environment variables, ``{}`` = NCCL's defaults),
     each timing bf16 all-reduces at ``sizes_bytes`` (a decode step of small moves 2·L all-reduces of
-    batch × hidden × 2 bytes: 4 KiB at batch 1, 128 KiB at batch 32). Needs ``world_size`` ≥ 2 GPUs.
+    batch × hidden × 2 bytes: 4 KiB at batch 1, 128 KiB at batch 32). Needs ``world_size`` ≥ 2 GPUs (the caller
+    checks that this machine has them: the workbook's ``settings.resolve`` refuses NCCL with more ranks than GPUs).
 
     Lesson: notebook 05, section "NCCL settings"."""
-    from vl2lab.launch.launcher import run
-    from vl2lab.workbook.settings import gpu_count
-
-    if world_size < 2 or gpu_count() < world_size:
-        raise ValueError(f"an NCCL settings sweep needs {max(2, world_size)} GPUs, this machine has {gpu_count()}: "
-                         "nothing moves between GPUs otherwise (run it on a multi-GPU machine)")
+    if world_size < 2:
+        raise ValueError(f"an NCCL settings sweep needs at least 2 GPUs (world_size={world_size}): nothing moves "
+                         "between GPUs otherwise (run it on a multi-GPU machine)")
     rows = []
     for env in settings:
-        res = run("vl2lab.perf.collectives:bench_collectives", world_size=world_size, backend="nccl", timeout=timeout,
-                  env=env, sizes_bytes=sizes_bytes, repeats=repeats, ops=("all_reduce",), dtype="bfloat16")
+        res = launch_run("vl2lab.perf.collectives:bench_collectives", world_size=world_size, backend="nccl",
+                         timeout=timeout, env=env, sizes_bytes=sizes_bytes, repeats=repeats, ops=("all_reduce",),
+                         dtype="bfloat16")
         ar = res[0]["ops"]["all_reduce"]
         rows.append({"setting": " ".join(f"{k}={v}" for k, v in env.items()) or "NCCL defaults",
                      **{f"{s // 1024} KiB (µs)": t * 1e6 for s, t in zip(ar["sizes"], ar["median_s"])}})

@@ -20,7 +20,13 @@ import os
 
 import torch
 
+from vl2lab.model.build import constructed_on
+from vl2lab.model.config import get_config
+from vl2lab.perf.workload import timed
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+__all__ = ["reference_kind", "hf_state_dict", "build_reference", "reference_logits", "peer_timings"]
 
 
 def _common(cfg) -> dict:
@@ -131,14 +137,10 @@ def peer_timings(preset: str = "deepseek-vl2-small", batch_sizes=(1, 32), prompt
     """transformers' DeepSeek causal LM at the preset's real size (random bf16 weights, built on ``device``),
     ``generate`` with its defaults (SDPA attention, its default experts kernel, dynamic cache): prefill time and
     decode ms per step ((t(N) − t(1)) / (N − 1)) for random prompt embeddings of ``prompt_len`` positions."""
-    from vl2lab.perf.bench import timed
-    from vl2lab.model.config import get_config
+    from transformers import AutoModelForCausalLM
 
     cfg = get_config(preset).language_config
     kind, hf_cfg = _hf_config(cfg)
-    from transformers import AutoModelForCausalLM
-    from vl2lab.lessons.baseline import constructed_on
-
     with constructed_on(device, "bfloat16"):
         model = AutoModelForCausalLM.from_config(hf_cfg).eval()
     dev = torch.device(device)

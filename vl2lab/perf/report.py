@@ -12,7 +12,12 @@ import glob
 import json
 import os
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "results", "h200-1gpu")
+from vl2lab.planner.sizing import format_table
+from vl2lab.workbook.tuning_plots import plot_ladder
+from vl2lab.workbook.widgets import show
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS_DIR = os.path.join(_CHECKOUT, "results", "h200-1gpu")
 
 __all__ = ["RESULTS_DIR", "TARGETS", "load", "rows", "target_rows", "peer_rows", "profile_rows", "table", "explore"]
 
@@ -139,7 +144,6 @@ _COLUMNS = ("rung", "batch", "prefill_ms", "decode_ms_per_step", "images_per_s",
 
 def table(merged: dict, batch=None, columns=_COLUMNS) -> str:
     """The rows of one model (one batch size, or all) as text."""
-    from vl2lab.planner.sizing import format_table
     rs = [r for r in rows(merged) if batch is None or r["batch"] == batch]
     return format_table([{k: r[k] for k in columns} for r in rs], floatfmt="{:.2f}")
 
@@ -154,8 +158,6 @@ def explore(results: dict, model: str | None = None, batch: int = 1):
     except ImportError:
         return None
     import matplotlib.pyplot as plt
-
-    from vl2lab.workbook.plots import plot_ladder
 
     pick_model = W.Dropdown(options=list(results), value=model, description="model")
     batches = lambda m: sorted({b for (_, b) in results[m]["runs"]})  # noqa: E731
@@ -179,5 +181,4 @@ def explore(results: dict, model: str | None = None, batch: int = 1):
         w.observe(render, names="value")
     render()
     box = W.VBox([W.HBox([pick_model, pick_batch, pick_metric]), out])
-    from vl2lab.workbook.widgets import show
     return show(box, "[results explorer: pick a model, a batch size and a metric]")

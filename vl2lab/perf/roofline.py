@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from vl2lab.perf.bench import timed as bench_timed
 from vl2lab.model.config import VL2Config
-from vl2lab.planner.sizing import dtype_bytes, kv_cache_bytes_per_token, param_counts
+from vl2lab.model.dtypes import dtype_bytes
+from vl2lab.perf.workload import timed as workload_timed
+from vl2lab.planner.sizing import kv_cache_bytes_per_token, param_counts
 
 __all__ = ["measure_device", "experts_touched", "decode_bytes", "decode_floor_s", "prefill_floor_s",
            "vision_tile_flops", "vision_floor_s", "workload_floor"]
@@ -44,7 +45,7 @@ def measure_device(device, copy_bytes: int = 1 << 30, matmul_n: int = 8192, repe
         copy_bytes, matmul_n, repeats = min(copy_bytes, 1 << 26), min(matmul_n, 1024), min(repeats, 3)
 
     def timed(fn):
-        return bench_timed(fn, dev, repeats, 1)["median"]
+        return workload_timed(fn, dev, repeats, 1)["median"]
 
     src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=dev).normal_()
     dst = torch.empty_like(src)

@@ -11,8 +11,9 @@ per step; ``calls`` per step. The categories add up the ops by kind::
     other           norms, RoPE, routing, sort, index, copies     elementwise work and launch-bound small ops
 
 On a GPU the rows are the kernels and copies themselves (what the device ran, also inside a CUDA graph); on a CPU
-the operators. In eager decoding at batch 1 the device is idle between kernels: the sum of kernel times (``device_busy_us``) is
-far below the wall time of a step (``wall_us``); a CUDA graph closes that gap, torch.compile shrinks ``kernels``.
+the operators. In eager decoding at batch 1 the device is idle between kernels: the sum of kernel times
+(``device_busy_us``) is far below the wall time of a step (``wall_us``); a CUDA graph closes that gap, torch.compile
+shrinks ``kernels``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import re
 import time
 
 import torch
+
+from vl2lab.model.graph_decode import decoder_for
+from vl2lab.perf.workload import workload_conversation, workload_image
 
 __all__ = ["CATEGORIES", "category", "profile_steps", "summarise"]
 
@@ -54,11 +58,12 @@ def summarise(prof, steps: int, use_device: bool, top: int = 15) -> dict:
         t = _self_time_us(ev, use_device)
         if t <= 0 or ev.key.startswith("ProfilerStep"):
             continue
-        rows.append({"op": ev.key[:70], "calls": ev.count / steps, "self_us": t / steps, "category": category(ev.key)})
+        rows.append({"op": ev.key[:70], "calls": ev.count / steps, "self_us": t / steps,
+                     "category": category(ev.key)})
     kernels = 0.0
     if use_device:
-        kernels = sum(e.count for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-                      ) / steps
+        cuda = torch.autograd.DeviceType.CUDA
+        kernels = sum(e.count for e in prof.events() if getattr(e, "device_type", None) == cuda) / steps
     rows.sort(key=lambda r: -r["self_us"])
     cats = {c: 0.0 for c, _ in CATEGORIES}
     cats["other"] = 0.0
@@ -70,10 +75,8 @@ def summarise(prof, steps: int, use_device: bool, top: int = 15) -> dict:
 
 @torch.no_grad()
 def profile_steps(vl2, processor, batch_size: int = 1, steps: int = 8, decode: str = "eager", seed: int = 0) -> dict:
-    """Prefill the benchmark's prompt, then profile ``steps`` decode steps (``decode``: eager, graph, compile)."""
-    from vl2lab.perf.bench import workload_conversation, workload_image
-    from vl2lab.model.graph_decode import decoder_for
-
+    """Prefill the fixed workload's prompt (:mod:`vl2lab.perf.workload`), then profile ``steps`` decode steps
+    (``decode``: eager, graph, compile)."""
     dev = next(vl2.parameters()).device
     dt = next(vl2.parameters()).dtype
     cuda = dev.type == "cuda"

@@ -9,7 +9,7 @@ import math
 import shlex
 
 from vl2lab.model.config import REAL_PRESETS
-from vl2lab.planner.plan import VISION
+from vl2lab.parallel.plan import vision_mode
 
 __all__ = ["vl2lab_lines", "vllm_lines", "sglang_lines", "multinode_lines"]
 
@@ -32,7 +32,7 @@ def _replicas(p: Plan, lay: dict) -> list[list[tuple[int, list[int]]]]:
 def _gen_args(p, lay, model, image, prompt) -> str:
     s = p.settings
     imgs = f" --image {shlex.quote(image)}" if s["images_per_prompt"] else ""  # generate takes one picture
-    vis = "dp" if VISION[s["vision"]] == "data_parallel" else "replicated"
+    vis = {"data_parallel": "dp"}.get(vision_mode(s["vision"]), vision_mode(s["vision"]))
     return (f"-m vl2lab.serve.generate --model {shlex.quote(model)} --moe {lay['moe']} --vision {vis} --dtype {s['dtype']} "
             f"--max-new-tokens {s['new_tokens']}{imgs} --prompt {shlex.quote(prompt)}")
 
@@ -99,7 +99,7 @@ def vllm_lines(p, lay) -> list[str]:
     if lay["vllm_problem"]:
         return _engine_fallback(p, lay, "vLLM", vllm_lines)
     lines = []
-    if VISION[s["vision"]] != "replicated":
+    if vision_mode(s["vision"]) == "data_parallel":
         lines.append("# vLLM keeps the ViT replicated (MLP split by TP); the vision setting is vl2lab's")
     gpn = s["gpus_per_node"]
     if lay["moe"] == "ep" and lay["ep"] != tp:  # DP attention + experts over all GPUs: one vLLM deployment
@@ -144,7 +144,7 @@ def sglang_lines(p, lay) -> list[str]:
     lines = []
     if p.cfg.name == "deepseek-vl2-tiny":
         lines.append("# tiny (MHA) runs on SGLang's separate DeepseekForCausalLM path; its TP is untested")
-    if VISION[s["vision"]] == "data_parallel":
+    if vision_mode(s["vision"]) == "data_parallel":
         lines.append("# --mm-enable-dp-encoder (ViT data parallel) is not listed for DeepSeek-VL2 in SGLang")
     gpn, nn = s["gpus_per_node"], math.ceil(s["n_gpus"] / s["gpus_per_node"])
     if nn == 1:

@@ -1,9 +1,10 @@
 """The planner: will a real DeepSeek-VL2 fit my GPUs, and how should I split it?
 
 ``plan(variant, dtype, gpu_gb, n_gpus, batch, images_per_prompt, image_size, context)`` turns a workload into
-bytes per GPU with :mod:`vl2lab.planner.sizing` (no maths of its own) for one GPU and for every legal layout of the GPUs,
-picks one, and writes the commands that run it (vl2lab, vLLM, SGLang). ``article_claims()`` checks the source
-article's size claims; ``panel()`` / ``show_planner()`` are the notebook's interactive form of the same thing.
+bytes per GPU with :mod:`vl2lab.planner.layouts` (no maths of its own) for one GPU and for every legal layout of the
+GPUs, picks one, and writes the commands that run it (:mod:`vl2lab.planner.commands`: vl2lab, vLLM, SGLang).
+:mod:`vl2lab.planner.panel` is the notebook's interactive form of the same thing; ``python -m vl2lab plan`` its
+command line (:func:`cli`).
 
 Request length (what one sequence holds), from :func:`vl2lab.inputs.tiling.image_layout`::
 
@@ -21,20 +22,23 @@ expert by width over the group, moe="ep" places whole experts, over the group (e
 (ep = n_gpus: data-parallel attention with shared experts, vLLM's ``--data-parallel-size --enable-expert-parallel``).
 ``batch`` is the number of sequences in flight on the whole deployment; each replica takes ceil(batch/dp).
 
-Lesson: notebook 01, section "Will it fit? The planner".
+Lesson: notebook 01, section "5. Will it fit? The planner".
 """
 from __future__ import annotations
 
-import html
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 
-from vl2lab.planner import sizing as S
-from vl2lab.model.config import ConfigError, REAL_PRESETS, get_config, preset_name
+from vl2lab.inputs.tiling import image_layout
+from vl2lab.model.config import ConfigError, get_config, preset_name
+from vl2lab.parallel.plan import vision_mode
+from vl2lab.planner import layouts as S
+from vl2lab.planner.commands import multinode_lines, sglang_lines, vl2lab_lines, vllm_lines
+from vl2lab.planner.sizing import gb
 
 DTYPES = ("bfloat16", "float16", "float32")
-VISION = {"replicated": "replicated", "dp": "data_parallel", "data_parallel": "data_parallel", "tp": "tp"}
 
 
 class PlanError(ValueError):
@@ -87,8 +91,8 @@ class Plan:
             [_fmt(x, "* pick" if x is self.recommended else "") for x in self.layouts]
         lines = [f"{self.cfg.name}: {c['total'] / 1e9:.2f}B parameters ({c['activated'] / 1e9:.2f}B activated), "
                  f"{s['dtype']}",
-                 f"GPUs: {s['n_gpus']} x {s['gpu_gb']:g} GB, usable {S.gb(self.usable):.2f} GB each "
-                 f"(= {s['gpu_gb']:g} x {1 - s['margin']:g} - {S.gb(S.CUDA_CONTEXT_BYTES):g} CUDA context)",
+                 f"GPUs: {s['n_gpus']} x {s['gpu_gb']:g} GB, usable {gb(self.usable):.2f} GB each "
+                 f"(= {s['gpu_gb']:g} x {1 - s['margin']:g} - {gb(S.CUDA_CONTEXT_BYTES):g} CUDA context)",
                  f"request: {img}; + {s['text_tokens']} text + {s['new_tokens']} new = {r['seq_len']} tokens",
                  f"sized per sequence: {r['planned_len']} tokens"
                  f" ({'context' if s['context'] else 'request length'}), {_n(s['batch'], 'sequence')} in flight",
@@ -97,7 +101,7 @@ class Plan:
             x = self.recommended
             lines.append(f"pick: tp={x['tp']} ep={x['ep']} dp={x['dp']} moe={x['moe']}: {_n(x['group'], 'GPU')} per "
                          f"model copy, {_n(x['batch_per_replica'], 'sequence')} each, "
-                         f"{S.gb(x['headroom']):.2f} GB free per GPU")
+                         f"{gb(x['headroom']):.2f} GB free per GPU")
         else:
             lines.append("pick: none fits; " + self.request["hint"])
         lines += ["rule: fewest GPUs per model copy, then TP-split experts before EP, then the smallest per-GPU "
@@ -113,8 +117,6 @@ class Plan:
         lay = layout or self.recommended
         if lay is None:
             raise PlanError("no layout fits, so there is nothing to launch; " + self.request["hint"])
-        from vl2lab.planner.commands import multinode_lines, sglang_lines, vl2lab_lines, vllm_lines
-
         model = model_path or f"./{self.cfg.name}"
         out = {"vl2lab": vl2lab_lines(self, lay, model, image, prompt), "vllm": vllm_lines(self, lay),
                "sglang": sglang_lines(self, lay)}
@@ -129,10 +131,10 @@ class Plan:
 
     def to_dict(self) -> dict:
         """JSON-ready: settings, request, GB figures of every row, the pick, warnings and commands."""
-        gbrow = lambda x: {k: (round(S.gb(v), 3) if k in _BYTES else v) for k, v in x.items()
+        gbrow = lambda x: {k: (round(gb(v), 3) if k in _BYTES else v) for k, v in x.items()
                            if k != "weight_parts"}
         return {"variant": self.cfg.name, "settings": {**self.settings, "moe_modes": list(self.settings["moe_modes"])},
-                "request": self.request, "usable_GB": round(S.gb(self.usable), 3), "single_gpu": gbrow(self.single),
+                "request": self.request, "usable_GB": round(gb(self.usable), 3), "single_gpu": gbrow(self.single),
                 "layouts": [gbrow(x) for x in self.layouts],
                 "recommended": gbrow(self.recommended) if self.recommended else None,
                 "warnings": self.warnings, "commands": self.commands() if self.recommended else None}
@@ -148,8 +150,8 @@ def _n(k: int, word: str) -> str:
 
 def _fmt(x: dict, case: str) -> dict:
     return {"case": case, "tp": x["tp"], "ep": x["ep"], "dp": x["dp"], "moe": x["moe"], "gpus/model": x["group"],
-            "seqs/model": x["batch_per_replica"], "weights_GB": S.gb(x["weights"]), "kv_GB": S.gb(x["kv_cache"]),
-            "act_GB": S.gb(x["activations"]), "total_GB": S.gb(x["total"]), "free_GB": S.gb(x["headroom"]),
+            "seqs/model": x["batch_per_replica"], "weights_GB": gb(x["weights"]), "kv_GB": gb(x["kv_cache"]),
+            "act_GB": gb(x["activations"]), "total_GB": gb(x["total"]), "free_GB": gb(x["headroom"]),
             "fits": "yes" if x["fits"] else "no", "vLLM": "no" if x["vllm_problem"] else "yes"}
 
 
@@ -162,8 +164,8 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
     """Size ``variant`` on ``n_gpus`` GPUs of ``gpu_gb`` GB for ``batch`` sequences of ``images_per_prompt``
     images of ``image_size`` (w, h) plus ``text_tokens`` prompt tokens and ``new_tokens`` generated ones.
 
-    Layouts: every tp legal for vl2lab (``uneven_heads=True``: heads may split unevenly, 10 heads on 4 ranks as
-    3,3,2,2; the FFN widths must divide) with tp | n_gpus, dp = n_gpus/tp, moe in ``moe_modes`` (ep ∈ {tp,
+    Layouts: every tp the sharding plan can split (``uneven_heads=True``: heads and widths may split unevenly, 10
+    heads on 4 ranks as 3,3,2,2; False: vLLM's rule, every split divides) with tp | n_gpus, dp = n_gpus/tp, moe in ``moe_modes`` (ep ∈ {tp,
     n_gpus}, ep | experts). Each row: per-GPU weights / KV / activations / total, ``fits``, ``group`` (GPUs per
     model copy: tp, or max(tp, ep) for EP), ``vllm_problem`` (why vLLM cannot run that tp, or None).
 
@@ -179,8 +181,10 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
         raise PlanError(str(e)) from None
     if dtype not in DTYPES:
         raise PlanError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if vision not in VISION:
-        raise PlanError(f"vision {vision!r}: use replicated, dp or tp")
+    try:
+        vis = vision_mode(vision)
+    except ValueError:
+        raise PlanError(f"vision {vision!r}: use replicated, dp or tp") from None
     moe_modes = tuple(moe_modes)
     if not moe_modes or any(m not in ("tp", "ep") for m in moe_modes):
         raise PlanError(f"moe_modes {moe_modes!r}: use ('tp',), ('ep',) or ('tp', 'ep')")
@@ -193,7 +197,6 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
     if not (isinstance(gpu_gb, (int, float)) and gpu_gb > 0) or not 0 <= margin < 1:
         raise PlanError(f"gpu_gb must be > 0 and margin in [0, 1); got gpu_gb={gpu_gb!r}, margin={margin!r}")
     w, h = parse_image_size(image_size)
-    from vl2lab.inputs.tiling import image_layout
     lay = image_layout(w, h, n_images=max(images_per_prompt, 1))
     n_img_tok = images_per_prompt * lay["tokens"]
     seq_len = n_img_tok + text_tokens + new_tokens
@@ -213,21 +216,21 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
             f"a larger context (above {trained} is untested)")
     planned = context or seq_len
     tiles = images_per_prompt * lay["vit_passes"]
-    vis = VISION[vision]
     work = dict(batch=batch, seq_len=planned, tiles=tiles, dtype=dtype, vision=vis)
     usable = S.usable_bytes(gpu_gb * 1e9, margin)
 
     def row(tp, ep, dp, moe):
         x = S.layout_bytes(cfg, tp=tp, ep=ep, dp=dp, moe=moe, **work)
-        vllm = S.legal_tp_sizes(cfg, max(tp, 16), allow_uneven_heads=False, moe=moe, split_vision_mlp=True)
+        vllm = S.legal_tp_sizes(cfg, max(tp, 16), moe, "tp", rule="vllm")
         return {**x, "group": tp if moe == "tp" else max(tp, ep), "fits": x["total"] <= usable,
                 "headroom": usable - x["total"], "vllm_problem": vllm.rejected.get(tp)}
 
     single = row(1, 1, 1, "tp")
     rows = []
     eps = S.legal_ep_sizes(cfg, max_ep=n_gpus)
-    tp_ok = S.legal_tp_sizes(cfg, n_gpus, uneven_heads, moe="tp", split_vision_mlp=vis == "tp")
-    for tp in S.legal_tp_sizes(cfg, n_gpus, uneven_heads, moe="ep", split_vision_mlp=vis == "tp"):
+    rule = "vl2lab" if uneven_heads else "vllm"
+    tp_ok = S.legal_tp_sizes(cfg, n_gpus, "tp", vis, rule)
+    for tp in S.legal_tp_sizes(cfg, n_gpus, "ep", vis, rule):
         if n_gpus % tp:
             continue
         cands = [("tp", 1)] if "tp" in moe_modes and tp in tp_ok else []
@@ -251,7 +254,7 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
 
 def _hint(cfg, usable, work, gpu_gb) -> str:
     """How many GPUs of this size one model copy needs (smallest legal tp, experts by width or EP)."""
-    for tp in S.legal_tp_sizes(cfg, 256, True, moe="ep"):
+    for tp in S.legal_tp_sizes(cfg, 256, "ep"):
         for moe in ("tp", "ep"):
             ep = tp if moe == "ep" else 1
             try:
@@ -263,133 +266,10 @@ def _hint(cfg, usable, work, gpu_gb) -> str:
     return "no tensor-parallel size up to 256 fits: use larger GPUs, a smaller batch or a shorter context"
 
 
-# ----------------------------------------------------------------------------------------- article claims
-
-class ClaimsTable(list):
-    """Rows {claim, reality, verdict}; ``table()`` (and ``str``) is the plain-text form."""
-
-    def table(self) -> str:
-        return "\n\n".join(f"claim:   {r['claim']}\nreality: {r['reality']}\nverdict: {r['verdict']}" for r in self)
-
-    __str__ = table
-
-
-def article_claims() -> ClaimsTable:
-    """The source article's size and memory claims, checked with :mod:`vl2lab.planner.sizing`."""
-    cfgs = [get_config(n) for n in REAL_PRESETS]
-    c = [S.param_counts(x) for x in cfgs]
-    wb = [S.gb(S.weight_bytes(x, "bfloat16")) for x in cfgs]
-    tiny, small, base = cfgs
-    u80, u40 = S.usable_bytes(80e9), S.usable_bytes(40e9)
-    work = dict(batch=1, seq_len=4096, tiles=10, dtype="bfloat16")
-    b80 = S.layout_bytes(base, **work)
-    s40 = S.layout_bytes(small, **work)
-    s40_hf = S.layout_bytes(small, attn="eager", logits="all", **work)
-    rows = [
-        {"claim": "13B parameters",
-         "reality": "no 13B variant: tiny / small / base have " + " / ".join(f"{x['total'] / 1e9:.2f}B" for x in c)
-                    + " parameters (published 3.37B / 16.1B / 27.5B), "
-                    + " / ".join(f"{x['activated'] / 1e9:.2f}B" for x in c) + " activated per token",
-         "verdict": "wrong"},
-        {"claim": "about 260 GB at FP16",
-         "reality": f"13e9 x 2 B = {13e9 * 2 / 1e9:.0f} GB, 10x less than claimed; the real 16-bit weights are "
-                    + " / ".join(f"{x:.2f}" for x in wb) + " GB (tiny / small / base)",
-         "verdict": "wrong (10x off even for its own count)"},
-        {"claim": "one A100 80GB can only hold part of the parameters",
-         "reality": f"base weights {wb[2]:.2f} GB < {S.gb(u80):.1f} GB usable; with batch 1 at 4096 tokens "
-                    f"(KV {S.gb(b80['kv_cache']):.2f} + activations {S.gb(b80['activations']):.2f} GB) "
-                    f"{S.gb(b80['total']):.2f} GB: the whole largest model fits one 80 GB GPU. Small on a 40 GB "
-                    f"card ({S.gb(u40):.1f} GB usable): weights {wb[1]:.2f} GB; vl2lab's path (SDPA, last-token "
-                    f"logits) needs {S.gb(s40['total']):.2f} GB, the official HF path (eager attention, logits for "
-                    f"every position) {S.gb(s40_hf['total']):.2f} GB, which is why the official README fits small "
-                    f"on 40 GB only with chunked prefill (chunk_size=512); tiny ({wb[0]:.2f} GB) fits easily",
-         "verdict": "wrong (base fits one 80 GB GPU; small fits 40 GB only with chunked prefill)"},
-    ]
-    return ClaimsTable(rows)
-
-
-# --------------------------------------------------------------------------------------------- notebook UI
-
-_GPU_GB = (16, 24, 32, 40, 48, 80, 94, 141, 192)
-_SIZES = ("384x384", "768x768", "1152x1152", "1024x768", "1920x1080", "384x3456")
-_CONTEXTS = (("request length", None), ("2048", 2048), ("4096", 4096), ("8192", 8192))
-_MOE = (("tp and ep", ("tp", "ep")), ("tp only", ("tp",)), ("ep only", ("ep",)))
-
-
-def _report(**kw) -> str:
-    """Table + commands of ``plan(**kw)``, or the planner's error: what the panel and show_planner print."""
-    try:
-        p = plan(**kw)
-    except PlanError as e:
-        return f"error: {e}"
-    return p.table() + "\n\n" + p.commands_text()
-
-
-def panel(**defaults):
-    """An ipywidgets panel over :func:`plan`: every control re-plans on change and rewrites the report.
-    ``defaults`` are :func:`plan` keywords (variant, dtype, gpu_gb, n_gpus, batch, images_per_prompt,
-    image_size, context, moe_modes, vision, margin)."""
-    import ipywidgets as W
-
-    kw = {**_plan_defaults(), **defaults}
-    kw["variant"] = preset_name(kw["variant"])
-    kw["moe_modes"] = tuple(m for m in ("tp", "ep") if m in kw["moe_modes"])
-    kw["vision"] = {"data_parallel": "dp"}.get(kw["vision"], kw["vision"])
-    size = "{}x{}".format(*parse_image_size(kw["image_size"]))
-    opts = lambda seq, v: list(seq) + ([v] if v not in seq else [])
-    c = {"variant": W.Dropdown(options=[("tiny", "deepseek-vl2-tiny"), ("small", "deepseek-vl2-small"),
-                                        ("base", "deepseek-vl2")], value=kw["variant"], description="variant"),
-         "dtype": W.Dropdown(options=DTYPES, value=kw["dtype"], description="dtype"),
-         "gpu_gb": W.Dropdown(options=opts(_GPU_GB, kw["gpu_gb"]), value=kw["gpu_gb"], description="GPU GB"),
-         "n_gpus": W.IntSlider(value=kw["n_gpus"], min=1, max=max(16, kw["n_gpus"]), description="GPUs"),
-         "batch": W.IntSlider(value=kw["batch"], min=1, max=max(64, kw["batch"]), description="batch"),
-         "images_per_prompt": W.IntSlider(value=kw["images_per_prompt"], min=0, max=max(6, kw["images_per_prompt"]),
-                                          description="images"),
-         "image_size": W.Dropdown(options=opts(_SIZES, size), value=size, description="image px"),
-         "context": W.Dropdown(options=opts(_CONTEXTS, (str(kw["context"]), kw["context"]))
-                               if kw["context"] not in dict(_CONTEXTS).values() else _CONTEXTS,
-                               value=kw["context"], description="context"),
-         "moe_modes": W.Dropdown(options=_MOE, value=tuple(kw["moe_modes"]), description="MoE"),
-         "vision": W.Dropdown(options=("replicated", "dp", "tp"), value=kw["vision"], description="ViT")}
-    view = W.HTML()
-    fixed = {k: v for k, v in kw.items() if k not in c}
-
-    def render(_=None):
-        text = _report(**fixed, **{k: w.value for k, w in c.items()})
-        view.value = "<pre style='font-size:11px'>" + html.escape(text) + "</pre>"
-
-    for w in c.values():
-        w.observe(render, names="value")
-    render()
-    box = W.VBox([W.HBox(list(c.values())[:4]), W.HBox(list(c.values())[4:8]), W.HBox(list(c.values())[8:]), view])
-    box.controls, box.view = c, view
-    return box
-
-
-def _plan_defaults() -> dict:
-    import inspect
-    return {k: v.default for k, v in inspect.signature(plan).parameters.items()}
-
-
-def show_planner(**defaults):
-    """Notebook cell form: print the default setting's table and commands (deterministic: no widget events
-    involved, so papermill/nbval can check it), then display the interactive panel when running in a kernel
-    with ipywidgets. Returns the panel (or None without ipywidgets)."""
-    print(_report(**defaults))
-    try:
-        box = panel(**defaults)
-    except ImportError:
-        return None
-    from vl2lab.workbook.widgets import show
-    return show(box, "[planner panel: change a control to re-plan]")
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def cli(argv=None) -> int:
     """``python -m vl2lab plan ...``: print the table and the commands (or ``--json``)."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m vl2lab plan",
                                  description="Will DeepSeek-VL2 fit these GPUs, and how to split it.")
     ap.add_argument("--variant", default="small", help="tiny | small | base (or a full preset name)")

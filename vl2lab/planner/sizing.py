@@ -1,4 +1,4 @@
-"""Parameter, weight, KV-cache and activation maths for DeepSeek-VL2, and the per-GPU bytes of a parallel layout.
+"""Parameter, weight, KV-cache and activation maths for DeepSeek-VL2.
 
 Everything here is a pure function of a :class:`~vl2lab.model.config.VL2Config`: no model is built. Sizes are in
 **bytes**; ``GB`` = 1e9 bytes and ``GiB`` = 2**30 bytes (functions :func:`gb` and :func:`gib`).
@@ -12,19 +12,18 @@ experts (the published 1.0B / 2.8B / 4.5B are these values truncated to 0.1B). `
 vl2lab builds: no attn_pool, and the noaux_tc ``e_score_correction_bias`` is a buffer, not a parameter.
 
 Lesson: notebook 01, sections "1. Load the model" (counts), "4. Where time and memory go" (bytes, KV cache) and
-"5. Will it fit? The planner"; notebook 04, sections "1. What each rank holds" (legal TP sizes) and
-"4. Memory per rank against the planner" (per-rank bytes).
+"5. Will it fit? The planner". The per-GPU bytes of a parallel layout are in :mod:`vl2lab.planner.layouts`.
 """
 from __future__ import annotations
 
 import math
 
+from vl2lab.inputs.tiling import image_token_count
 from vl2lab.model.config import ConfigError, VL2Config
+from vl2lab.model.dtypes import dtype_bytes
 
 GB, GiB = 10**9, 2**30
 CUDA_CONTEXT_BYTES = 500 * 10**6  # CUDA context + cuBLAS/NCCL workspaces per process, a round estimate
-_ITEMSIZE = {"float64": 8, "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
-             "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
 
 
 def gb(n_bytes: float) -> float:
@@ -35,19 +34,11 @@ def gib(n_bytes: float) -> float:
     return n_bytes / GiB
 
 
-def dtype_bytes(dtype) -> int:
-    """Bytes per element of ``dtype`` (a name such as "bfloat16" or a torch.dtype)."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in _ITEMSIZE:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_ITEMSIZE)}")
-    return _ITEMSIZE[name]
-
-
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_cfg(cfg) -> None:
+def check_config(cfg) -> None:
     if not isinstance(cfg, VL2Config):
         raise TypeError(f"expected a VL2Config (vl2lab.model.config.get_config(name)), got {type(cfg).__name__}")
     if cfg.projector_config.projector_type != "downsample_mlp_gelu":
@@ -69,7 +60,7 @@ def param_counts(cfg: VL2Config) -> dict:
     * dense MLP = 3·H·I_d; shared = 3·H·(n_shared·I_m); routed/layer = E·3·H·I_m; gate = E·H (+E bias, noaux_tc).
     * norms = 2H per layer + H; embedding = lm_head = V·H (counted once if tied).
     """
-    _check_cfg(cfg)
+    check_config(cfg)
     v, p, lm = cfg.vision_config, cfg.projector_config, cfg.language_config
     d, m, g = v.width, v.mlp_dim, v.grid
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
@@ -149,7 +140,7 @@ def kv_cache_bytes(cfg: VL2Config, tokens: int, dtype="bfloat16", mla_cache: str
     lm = cfg.language_config
     split, repl = _kv_elems_per_head(cfg, mla_cache)
     heads = lm.num_key_value_heads if not lm.use_mla else lm.num_attention_heads
-    split = split * _cdiv(heads, tp) // heads
+    split = split * cdiv(heads, tp) // heads
     return tokens * lm.num_hidden_layers * (split + repl) * dtype_bytes(dtype)
 
 
@@ -157,7 +148,6 @@ def kv_cache_bytes(cfg: VL2Config, tokens: int, dtype="bfloat16", mla_cache: str
 
 def image_tokens(width_tiles: int, height_tiles: int) -> int:
     """LM positions one image takes (global view + separator + local grid); the processor owns the formula."""
-    from vl2lab.inputs.processor import image_token_count
     return image_token_count(width_tiles, height_tiles)
 
 
@@ -198,7 +188,7 @@ def activation_bytes(cfg: VL2Config, batch: int = 1, seq_len: int = 4096, tiles:
     * vision_peak = pixels + residual + text_embeds + max(attention + scores, mlp, projector);
       lm_peak = lm_residual + max(lm_attention + lm_scores, lm_mlp, logits); peak = max of the two.
     """
-    _check_cfg(cfg)
+    check_config(cfg)
     if vision not in ("replicated", "tp", "data_parallel") or attn not in ("sdpa", "eager") \
             or logits not in ("last", "all") or moe not in ("tp", "ep"):
         raise ValueError(f"bad option: vision={vision!r} (replicated|tp|data_parallel), attn={attn!r} "
@@ -209,18 +199,18 @@ def activation_bytes(cfg: VL2Config, batch: int = 1, seq_len: int = 4096, tiles:
     b = dtype_bytes(dtype)
     v, lm = cfg.vision_config, cfg.language_config
     d, g, H, V = v.width, v.grid, lm.hidden_size, lm.vocab_size
-    n_t = _cdiv(batch * tiles, tp) if vision == "data_parallel" else batch * tiles
+    n_t = cdiv(batch * tiles, tp) if vision == "data_parallel" else batch * tiles
     N = n_t * g * g
-    m_r = _cdiv(v.mlp_dim, tp) if vision == "tp" else v.mlp_dim
+    m_r = cdiv(v.mlp_dim, tp) if vision == "tp" else v.mlp_dim
     a = dict(vision_pixels=n_t * 3 * v.image_size ** 2 * b, vision_residual=2 * N * d * b,
              vision_attention=7 * N * d * b,
              vision_scores=n_t * v.heads * g ** 4 * (2 * b + 4) if attn == "eager" else 0,
              vision_mlp=N * (2 * m_r + 2 * d) * b,
-             projector=n_t * _cdiv(g, 2) ** 2 * (4 * d + 2 * H) * b)
+             projector=n_t * cdiv(g, 2) ** 2 * (4 * d + 2 * H) * b)
     T = batch * seq_len
     a["text_embeds"] = T * H * b
     a["lm_residual"] = 3 * T * H * b
-    h = _cdiv(lm.num_attention_heads, tp)
+    h = cdiv(lm.num_attention_heads, tp)
     if lm.use_mla:
         c, r = lm.kv_lora_rank, lm.qk_rope_head_dim
         a["lm_attention"] = T * b * (3 * H + 2 * c + r + h * (3 * lm.q_head_dim + lm.qk_nope_head_dim
@@ -229,20 +219,20 @@ def activation_bytes(cfg: VL2Config, batch: int = 1, seq_len: int = 4096, tiles:
         a["lm_attention"] = T * b * (3 * H + 7 * h * lm.head_dim)
     a["lm_scores"] = batch * h * seq_len ** 2 * (2 * b + 4) if attn == "eager" else 0
     has_dense = any(not lm.is_moe_layer(i) for i in range(lm.num_hidden_layers))
-    mlp = T * b * (2 * H + 4 * _cdiv(lm.intermediate_size, tp)) if has_dense else 0
+    mlp = T * b * (2 * H + 4 * cdiv(lm.intermediate_size, tp)) if has_dense else 0
     if lm.is_moe:
         E, k = lm.n_routed_experts, lm.num_experts_per_tok
-        shared = _cdiv((lm.n_shared_experts or 0) * lm.moe_intermediate_size, tp)
+        shared = cdiv((lm.n_shared_experts or 0) * lm.moe_intermediate_size, tp)
         if moe == "tp":
-            A, I_r, dispatch = T * k, _cdiv(lm.moe_intermediate_size, tp), 0
+            A, I_r, dispatch = T * k, cdiv(lm.moe_intermediate_size, tp), 0
         else:
-            A, I_r, dispatch = T * min(k, _cdiv(E, ep)), lm.moe_intermediate_size, 2 * T * k * H * b
+            A, I_r, dispatch = T * min(k, cdiv(E, ep)), lm.moe_intermediate_size, 2 * T * k * H * b
         moe_b = (T * b * (3 * H + 4 * shared) + T * E * 8 + T * k * 12 + A * b * (2 * H + 4 * I_r)
                  + A * H * 4 + T * H * 4 + dispatch)
         mlp = max(mlp, moe_b)
     a["lm_mlp"] = mlp
     Lg = batch if logits == "last" else T
-    a["logits"] = Lg * (_cdiv(V, tp) * b + V * b + V * 4)
+    a["logits"] = Lg * (cdiv(V, tp) * b + V * b + V * 4)
     a["vision_peak"] = (a["vision_pixels"] + a["vision_residual"] + a["text_embeds"]
                         + max(a["vision_attention"] + a["vision_scores"], a["vision_mlp"], a["projector"])
                         if tiles else 0)
@@ -252,176 +242,6 @@ def activation_bytes(cfg: VL2Config, batch: int = 1, seq_len: int = 4096, tiles:
 
 
 # ---------------------------------------------------------------------------------------- parallel layouts
-
-class TPSizes(list):
-    """The legal sizes (a list of ints), with ``.rejected`` = {size: reason} for every size refused."""
-
-    def __init__(self, legal, rejected):
-        super().__init__(legal)
-        self.rejected = rejected
-
-
-def legal_tp_sizes(cfg: VL2Config, max_tp: int = 16, allow_uneven_heads: bool = False, moe: str = "tp",
-                   split_vision_mlp: bool = False) -> TPSizes:
-    """TP sizes t ≤ max_tp for which every split dimension divides: t | n_h (or, with uneven heads, which
-    vl2lab's split supports — 10 heads on 4 ranks as 3,3,2,2 — t ≤ n_h), t | n_kv (MHA), t | I_d, t | S = n_s·I_m,
-    t | I_m (routed experts split by width; skipped for moe="ep", see :func:`legal_ep_sizes`), and t | m = 4304
-    when the ViT MLP is split (vision="tp"). The vocab need not divide (the vocab split is uneven)."""
-    _check_cfg(cfg)
-    lm = cfg.language_config
-    dims = [("intermediate_size (dense MLP)", lm.intermediate_size)]
-    if lm.is_moe:
-        dims.append(("shared-expert width", (lm.n_shared_experts or 0) * lm.moe_intermediate_size))
-        if moe == "tp":
-            dims.append(("moe_intermediate_size", lm.moe_intermediate_size))
-    if split_vision_mlp:
-        dims.append(("vision MLP width", cfg.vision_config.mlp_dim))
-    heads = [("attention heads", lm.num_attention_heads)]
-    if not lm.use_mla:
-        heads.append(("key/value heads", lm.num_key_value_heads))
-    legal, rejected = [], {}
-    for t in range(1, max_tp + 1):
-        why = [f"{name} {n} < {t}" if allow_uneven_heads else f"{name} {n} % {t} = {n % t}"
-               for name, n in heads if (n < t if allow_uneven_heads else n % t)]
-        why += [f"{name} {n} % {t} = {n % t}" for name, n in dims if n % t]
-        if why:
-            rejected[t] = "; ".join(why)
-        else:
-            legal.append(t)
-    return TPSizes(legal, rejected)
-
-
-def legal_ep_sizes(cfg: VL2Config, max_ep: int = 16) -> TPSizes:
-    """EP sizes that spread the routed experts evenly: ep | E (small 64: 1, 2, 4, 8, 16; base 72: 1, 2, 3, 4,
-    6, 8, 9, 12)."""
-    E = cfg.language_config.n_routed_experts or 0
-    legal = [e for e in range(1, max_ep + 1) if E and E % e == 0]
-    return TPSizes(legal, {e: f"{E} experts % {e} = {E % e if E else 'no experts'}"
-                           for e in range(1, max_ep + 1) if e not in legal})
-
-
-def rank_weight_params(cfg: VL2Config, tp: int = 1, ep: int = 1, moe: str = "tp",
-                       vision: str = "replicated") -> dict:
-    """Parameters held by the most loaded rank, per part, plus ``replicated`` (the sum of the replicated parts)
-    and ``total`` (vl2lab's convention).
-
-    Replicated: vision tower (no attn_pool; with vision="tp" its MLP is split: fc1 by columns, fc2 by rows, as
-    vLLM does), projector, special vectors, all norms (kv_a_layernorm too), router gates and correction bias,
-    MLA kv_a_proj_with_mqa. Sharded over tp: attention by heads (ceil(n_h/tp)), dense MLP and shared experts by
-    width (ceil(I/tp)), embedding and lm_head by vocab (ceil(V/tp) rows: uneven, not vLLM's padding to a
-    multiple of 64·tp). Routed experts: by width over tp (moe="tp") or ceil(E/ep) whole experts (moe="ep")."""
-    c, v, lm = param_counts(cfg), cfg.vision_config, cfg.language_config
-    H, L = lm.hidden_size, lm.num_hidden_layers
-    d, m = v.width, v.mlp_dim
-    m_r = _cdiv(m, tp) if vision == "tp" else m
-    vis = c["vision_no_pool"] - v.layers * (c["vision_mlp_per_layer"] - (d * m_r + m_r + m_r * d + d))
-    h = _cdiv(lm.num_attention_heads, tp)
-    if lm.use_mla:
-        cr, r = lm.kv_lora_rank, lm.qk_rope_head_dim
-        kv_a, norms = L * H * (cr + r), c["norms"] + L * cr
-        attn = L * (H * h * lm.q_head_dim + cr * h * (lm.qk_nope_head_dim + lm.v_head_dim) + h * lm.v_head_dim * H)
-    else:
-        kv_a, norms, hd = 0, c["norms"], lm.head_dim
-        attn = L * H * hd * (2 * h + 2 * _cdiv(lm.num_key_value_heads, tp))
-    E, I_m = lm.n_routed_experts or 0, lm.moe_intermediate_size
-    routed = (c["n_moe_layers"] * E * 3 * H * _cdiv(I_m, tp) if moe == "tp"
-              else c["n_moe_layers"] * _cdiv(E, ep) * 3 * H * I_m)
-    V_r = _cdiv(lm.vocab_size, tp)
-    p = dict(vision=vis, projector=c["projector"] + c["special_vectors"], norms=norms, router=c["router"],
-             correction_bias=c["correction_bias"], kv_a_proj=kv_a, attention=attn,
-             dense_mlp=c["n_dense_layers"] * 3 * H * _cdiv(lm.intermediate_size, tp),
-             shared_experts=c["n_moe_layers"] * 3 * H * _cdiv((lm.n_shared_experts or 0) * I_m, tp),
-             routed_experts=routed, embedding=V_r * H, lm_head=V_r * H if c["lm_head"] else 0)
-    p["replicated"] = sum(p[x] for x in _REPLICATED)
-    p["total"] = sum(p.values()) - p["replicated"]
-    return p
-
-
-_REPLICATED = ("vision", "projector", "norms", "router", "correction_bias", "kv_a_proj")
-
-
-def rank_weight_bytes(cfg: VL2Config, tp: int = 1, ep: int = 1, moe: str = "tp", vision: str = "replicated",
-                      dtype="bfloat16") -> dict:
-    """:func:`rank_weight_params` in bytes (params · itemsize; the correction bias at 4 B), without totals."""
-    p, b = rank_weight_params(cfg, tp, ep, moe, vision), dtype_bytes(dtype)
-    return {k: n * (4 if k == "correction_bias" else b) for k, n in p.items() if k not in ("replicated", "total")}
-
-
-def layout_bytes(cfg: VL2Config, tp: int = 1, ep: int = 1, dp: int = 1, dtype="bfloat16",
-                 vision: str = "replicated", moe: str = "tp", batch: int = 1, seq_len: int = 4096, tiles: int = 10,
-                 mla_cache: str = "latent", attn: str = "sdpa", logits: str = "last", kv_dtype=None) -> dict:
-    """Bytes on the most loaded GPU of a layout with world = tp·dp ranks (dp replicas of a tp group).
-
-    weights = Σ rank_weight_params · b (correction bias at 4 B); kv_cache = kv_cache_bytes(ceil(batch/dp) ·
-    seq_len tokens), split by heads for MHA / expanded MLA, replicated for the MLA latent; activations =
-    activation_bytes(ceil(batch/dp), ...)["peak"]; total = weights + kv_cache + activations. ``batch`` is the
-    whole layout's number of concurrent sequences; each replica takes ceil(batch/dp). moe="ep" places
-    ceil(E/ep) whole experts per rank (ep must divide tp·dp; vLLM uses ep = tp·dp); vision "replicated" and
-    "data_parallel" hold the whole tower (the latter splits the tiles over the tp ranks), "tp" splits its MLP.
-    Against the spec's vLLM-style "weights per TP rank" table: vision="tp" is vLLM's split (ViT MLP split,
-    the rest of the tower replicated) and lands 30 MB below it per rank, because vl2lab holds no attn_pool
-    (15.2M params) and splits the vocab unevenly instead of padding it."""
-    if min(tp, ep, dp) < 1:
-        raise ValueError(f"tp, ep and dp must be >= 1, got tp={tp}, ep={ep}, dp={dp}")
-    if moe == "tp" and ep != 1:
-        raise ValueError(f"moe='tp' splits experts by width over tp and needs ep=1 (got ep={ep}); use moe='ep'")
-    if moe == "ep" and (tp * dp) % ep:
-        raise ValueError(f"ep={ep} must divide the world size tp·dp = {tp * dp}")
-    check = legal_tp_sizes(cfg, max(tp, 16), allow_uneven_heads=True, moe=moe, split_vision_mlp=vision == "tp")
-    if tp not in check:
-        raise ValueError(f"tp={tp} cannot split {cfg.name} (moe={moe!r}, vision={vision!r}): "
-                         f"{check.rejected[tp]}; legal sizes: {list(check)}")
-    parts = rank_weight_bytes(cfg, tp, ep, moe, vision, dtype)
-    repl = sum(parts[k] for k in _REPLICATED)
-    b_rep = _cdiv(batch, dp)
-    act = activation_bytes(cfg, b_rep, seq_len, tiles, dtype, tp, vision=vision, attn=attn, logits=logits,
-                           moe=moe, ep=ep)
-    out = dict(tp=tp, ep=ep, dp=dp, world=tp * dp, moe=moe, vision=vision, batch_per_replica=b_rep,
-               weights_replicated=repl, weights_sharded=sum(parts.values()) - repl, weights=sum(parts.values()),
-               kv_cache=kv_cache_bytes(cfg, b_rep * seq_len, kv_dtype or dtype, mla_cache, tp),
-               activations=act["peak"], weight_parts=parts)
-    out["total"] = out["weights"] + out["kv_cache"] + out["activations"]
-    return out
-
-
-def usable_bytes(gpu_bytes: float, margin: float = 0.10, context_bytes: int = CUDA_CONTEXT_BYTES) -> float:
-    """What a layout may use: gpu_bytes · (1 − margin) − context_bytes (10% for the allocator's fragmentation
-    and workspaces, 0.5 GB for the CUDA context)."""
-    return gpu_bytes * (1 - margin) - context_bytes
-
-
-def fits(cfg: VL2Config, gpu_bytes: float, margin: float = 0.10, context_bytes: int = CUDA_CONTEXT_BYTES,
-         **layout) -> bool:
-    """layout_bytes(cfg, **layout)["total"] ≤ usable_bytes(gpu_bytes, margin, context_bytes)."""
-    return layout_bytes(cfg, **layout)["total"] <= usable_bytes(gpu_bytes, margin, context_bytes)
-
-
-def feasible_layouts(cfg: VL2Config, n_gpus: int, gpu_bytes: float, margin: float = 0.10,
-                     context_bytes: int = CUDA_CONTEXT_BYTES, moe_modes=("tp", "ep"),
-                     allow_uneven_heads: bool = False, vision: str = "replicated", **workload) -> list[dict]:
-    """Every layout using all ``n_gpus`` (tp·dp = n_gpus; tp legal; moe="ep" with ep ∈ {tp, n_gpus}, ep > 1,
-    ep | E) whose per-rank total fits ``usable_bytes``. Each entry is a :func:`layout_bytes` dict plus ``usable``
-    and ``headroom``. Order: fewest TP ranks first (DP replicas buy throughput, TP only latency), TP-split
-    experts before EP, then the smaller per-rank total. ``workload``: batch, seq_len, tiles, dtype, ..."""
-    if n_gpus < 1:
-        raise ValueError(f"n_gpus must be >= 1, got {n_gpus}")
-    usable = usable_bytes(gpu_bytes, margin, context_bytes)
-    eps = legal_ep_sizes(cfg, max_ep=n_gpus)
-    out = []
-    split_vis = vision == "tp"
-    tp_ok = legal_tp_sizes(cfg, n_gpus, allow_uneven_heads, moe="tp", split_vision_mlp=split_vis)
-    for tp in legal_tp_sizes(cfg, n_gpus, allow_uneven_heads, moe="ep", split_vision_mlp=split_vis):
-        if n_gpus % tp:
-            continue
-        cands = [("tp", 1)] if "tp" in moe_modes and tp in tp_ok else []
-        if "ep" in moe_modes and cfg.language_config.is_moe:
-            cands += [("ep", e) for e in sorted({tp, n_gpus}) if e > 1 and e in eps]
-        for moe, ep in cands:
-            lay = layout_bytes(cfg, tp=tp, ep=ep, dp=n_gpus // tp, moe=moe, vision=vision, **workload)
-            if lay["total"] <= usable:
-                out.append({**lay, "usable": usable, "headroom": usable - lay["total"]})
-    return sorted(out, key=lambda x: (x["tp"], x["moe"] != "tp", x["total"]))
-
 
 # ------------------------------------------------------------------------------------------------- tables
 
@@ -447,11 +267,3 @@ def summary_rows(cfgs, dtype="bfloat16") -> list[dict]:
                      "kv_B_per_token": kv_cache_bytes_per_token(cfg, dtype),
                      "kv_expanded_B_per_token": kv_cache_bytes_per_token(cfg, dtype, "expanded")})
     return rows
-
-
-def tp_weight_rows(cfg: VL2Config, tps=None, dtype="bfloat16", vision: str = "replicated",
-                   allow_uneven_heads: bool = False) -> list[dict]:
-    """Per-rank weight GB for each legal TP size (MoE split by width)."""
-    tps = tps or legal_tp_sizes(cfg, 16, allow_uneven_heads, split_vision_mlp=vision == "tp")
-    return [{"variant": cfg.name, "tp": t,
-             "weights_GB": gb(sum(rank_weight_bytes(cfg, t, vision=vision, dtype=dtype).values()))} for t in tps]

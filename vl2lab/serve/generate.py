@@ -18,6 +18,12 @@ import os
 import sys
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
+from vl2lab.parallel.groups import device
+from vl2lab.serve.deploy import deploy, is_preset
+
 __all__ = ["main", "init_distributed"]
 
 
@@ -25,9 +31,6 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> bool:
     """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR…).
     Returns True when it was started here (the caller then destroys it); False when there is no launcher
     environment (world size 1) or a group already exists."""
-    import torch
-    import torch.distributed as dist
-
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return False
     local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -54,24 +57,22 @@ def _report(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vl2lab.serve.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="snapshot folder, or a preset name (random weights)")
+    p = argparse.ArgumentParser(prog="python -m vl2lab.serve.generate", description=__doc__.split("\n\n")[0],
+                                epilog="On N ranks: torchrun --nproc-per-node N -m vl2lab.serve.generate ... (one "
+                                       "process per GPU; without torchrun it runs as world size 1).")
+    p.add_argument("--model", required=True, help="snapshot folder, 'vl2-micro' (the trained snapshot shipped "
+                   "with vl2lab), or a preset name such as random-tiny (random weights)")
     p.add_argument("--image", default=None, help="picture file (omit for a text-only prompt)")
-    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--prompt", default="Describe this image.", help="the question (default: %(default)r)")
     p.add_argument("--moe", default="tp", choices=("tp", "ep"),
                    help="tp: split every routed expert's width; ep: whole experts per rank")
-    p.add_argument("--vision", default="replicated", choices=("replicated", "dp", "data_parallel"),
-                   help="replicated tower, or tiles split over the ranks (dp)")
+    p.add_argument("--vision", default="replicated", choices=("replicated", "dp", "data_parallel", "tp"),
+                   help="replicated tower (default), tiles split over the ranks (dp), or the tower's MLP split (tp)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
     a = p.parse_args(argv)
-
-    import torch.distributed as dist
-
-    from vl2lab.lessons.sharded_vs_dense import _is_preset, deploy
-    from vl2lab.parallel.groups import device
 
     started = init_distributed(a.backend)
     try:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
             print(f"DeepSeek-VL2 on {out['world_size']} rank(s): moe={out['moe']}, vision={out['vision']}, "
                   f"dtype={dtype}, device={out['device']}" + (f", backend {dist.get_backend()}"
                                                              if dist.is_initialized() else ""))
-            if _is_preset(a.model):
+            if is_preset(a.model):
                 print(f"note: {a.model!r} is a preset: the weights are random (seed {a.seed}), so the answer is "
                       "meaningless text")
             for line in every:

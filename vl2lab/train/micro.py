@@ -17,8 +17,9 @@ Lesson: notebook 03, sections "1. The task and the model" and "4. A short traini
 2. Export: the last checkpoint, cast to ``--dtype`` (``auto``: float32 if the weights stay under 10 MiB, else
    bfloat16), saved as an official snapshot (config.json, model.safetensors, tokenizer files,
    processor_config.json) in ``--out``.
-3. ``vl2lab.run("vl2lab.train.ddp:shard_eval", ...)`` on the exported folder (what ``load_pretrained`` gives a user),
-   scored per question type → ``eval.json``; a README.md with the numbers is written next to it.
+3. ``vl2lab.run("vl2lab.train.eval:shard_eval", ...)`` on the exported folder (what ``load_pretrained`` gives a
+   user), scored per question type (:func:`vl2lab.train.score.score`) → ``eval.json``; a README.md with the numbers
+   is written next to it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,16 @@ import sys
 import tempfile
 import time
 
-__all__ = ["main", "export", "write_readme"]
+import torch
+
+import vl2lab
+from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, VISION_LR_MULT
+from vl2lab.train.scenes import dataset
+from vl2lab.train.score import score
+from vl2lab.train.tower import TOWER_FILE
+from vl2lab.weights.pretrained import load_pretrained, save_pretrained
+
+__all__ = ["main", "parser", "export", "write_readme"]
 
 
 AUTO_FP32_BYTES = 10 * 2**20     # dtype "auto": float32 below this many weight bytes, bfloat16 above
@@ -38,16 +48,12 @@ AUTO_FP32_BYTES = 10 * 2**20     # dtype "auto": float32 below this many weight 
 def export(checkpoint: str, out: str, dtype: str = "auto") -> dict:
     """Checkpoint folder → snapshot folder ``out`` with weights in ``dtype`` (``auto``: float32 when 4 bytes per
     parameter stay under 10 MiB, else bfloat16); returns size facts."""
-    import torch
-
-    from vl2lab.weights.checkpoint import load_pretrained
-
     if dtype == "auto":
         model, _ = load_pretrained(checkpoint)
         dtype = "float32" if 4 * sum(p.numel() for p in model.parameters()) < AUTO_FP32_BYTES else "bfloat16"
     model, processor = load_pretrained(checkpoint, dtype=getattr(torch, dtype))
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, processor=processor)
+    save_pretrained(model, out, processor=processor)
     n = sum(p.numel() for p in model.parameters())
     return {"params": n, "dtype": dtype, "weights_bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
 
@@ -95,40 +101,62 @@ Grounding boxes: mean IoU {g['mean_iou']:.2f}, IoU ≥ 0.5 for {g['iou50']:.1%}.
 
 def _machine(world: int) -> str:
     """Where the ranks ran, in words ("one NVIDIA H200", "2 CPU cores (shared)")."""
-    import torch
-
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return f"one {name}" if world == 1 else f"{world} × {name}"
     return f"{os.cpu_count()} CPU cores (shared)"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vl2lab.train.micro", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="snapshot folder to write (e.g. vl2lab/assets/vl2-micro)")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--tower-steps", type=int, default=2000, help="stage 0 steps (0: no pre-trained tower)")
-    p.add_argument("--tower-batch-size", type=int, default=4, help="scenes per rank per stage-0 step")
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--batch-size", type=int, default=4, help="dialogues per rank per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--vision-lr-mult", type=float, default=None,
-                   help="the vision tower's lr as a multiple of --lr (default: 0, a frozen tower, after stage 0; "
-                        "ddp.VISION_LR_MULT without it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-n", type=int, default=400, help="eval questions (a quarter of each type)")
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m vl2lab.train.micro`` (every option says what it sets and its default)."""
+    p = argparse.ArgumentParser(
+        prog="python -m vl2lab.train.micro",
+        description="Rebuild vl2-micro, the small DeepSeek-VL2 that ships in vl2lab/assets/vl2-micro: train it from "
+                    "random weights on the shapes task, export it as a snapshot folder and score it.",
+        epilog="Stages: 0 tower pre-training (vl2lab.train.tower), 1 DDP training (vl2lab.train.ddp), 2 export to "
+               "--out, 3 sharded eval (vl2lab.train.eval) → eval.json and README.md in --out. "
+               "Example: python -m vl2lab.train.micro --out vl2lab/assets/vl2-micro")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="snapshot folder to write: config.json, model.safetensors, tokenizer, eval.json, README.md "
+                        "(required; the shipped one is vl2lab/assets/vl2-micro)")
+    p.add_argument("--world-size", type=int, default=2, metavar="W",
+                   help="ranks (DDP processes) of every stage (default: %(default)s)")
+    p.add_argument("--tower-steps", type=int, default=2000, metavar="N",
+                   help="stage 0 steps: the vision tower alone learns the kind of shape under each patch; 0 skips "
+                        "stage 0 and trains the tower from random weights in stage 1 (default: %(default)s)")
+    p.add_argument("--tower-batch-size", type=int, default=4, metavar="B",
+                   help="scenes per rank per stage-0 step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=900, metavar="N",
+                   help="stage 1 steps, each of W × --batch-size dialogues (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B",
+                   help="dialogues per rank per stage-1 step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="stage 1 peak learning rate, AdamW with a 50-step warm-up and a cosine to 5%% "
+                        "(default: %(default)g)")
+    p.add_argument("--vision-lr-mult", type=float, default=None, metavar="M",
+                   help="the vision tower's learning rate as a multiple of --lr in stage 1 (default: 0, a frozen "
+                        f"tower, after stage 0; {VISION_LR_MULT:g} with --tower-steps 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights and of the data order (default: %(default)s)")
+    p.add_argument("--eval-n", type=int, default=400, metavar="N",
+                   help="eval-split questions to score, a quarter of each question type (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="weights of the exported snapshot (auto: float32 under 10 MiB, else bfloat16)")
-    p.add_argument("--work", default=None, help="checkpoint folder (default: a folder in the temp dir)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --work from its last checkpoint")
-    p.add_argument("--timeout", type=float, default=3 * 3600)
+                   help="weights of the exported snapshot; auto: float32 if they stay under 10 MiB, else bfloat16 "
+                        "(default: %(default)s)")
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="folder of the checkpoints and the stage-0 tower (default: "
+                        f"{os.path.join(tempfile.gettempdir(), 'vl2-micro-work-seed<SEED>')})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --work from its last checkpoint, and skip a finished stage 0 "
+                        "(default: start afresh)")
+    p.add_argument("--timeout", type=float, default=3 * 3600, metavar="S",
+                   help="wall-clock limit of each launch, in seconds (default: %(default)g)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     a = p.parse_args(argv)
-
-    import vl2lab
-
-    from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, VISION_LR_MULT
-    from vl2lab.train.scenes import dataset, score
-    from vl2lab.train.tower import TOWER_FILE
 
     work = a.work or os.path.join(tempfile.gettempdir(), f"vl2-micro-work-seed{a.seed}")
     command = "python -m vl2lab.train.micro " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -152,7 +180,7 @@ def main(argv=None) -> int:
     train_wall, vl_wall = time.time() - t0, time.time() - t_vl
     info = export(os.path.join(work, "checkpoint"), a.out, a.dtype)
     t1 = time.time()
-    ev = vl2lab.run("vl2lab.train.ddp:shard_eval", world_size=a.world_size, timeout=a.timeout,
+    ev = vl2lab.run("vl2lab.train.eval:shard_eval", world_size=a.world_size, timeout=a.timeout,
                     model_path=os.path.abspath(a.out), split="eval", n=a.eval_n)[0]
     eval_wall = time.time() - t1
     metrics = score(list(dataset("eval", a.eval_n)), ev["answers"])

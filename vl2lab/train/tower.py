@@ -19,8 +19,8 @@ grid covers side/G pixels of the square canvas of side max(W, H).
 
 Run as a rank function (``vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=W, out=...)``): DDP over the
 tower and head, W·b scenes per step (train-split seeds, a pure function of the step), AdamW with the warm-up and
-cosine of :mod:`vl2lab.train.ddp`. Rank 0 writes ``out/tower.safetensors`` and returns the loss history and the patch
-accuracy on the eval split's scenes (cells on a shape only: the background is easy).
+cosine of :func:`vl2lab.train.loop.lr_schedule`. Rank 0 writes ``out/tower.safetensors`` and returns the loss
+history and the patch accuracy on the eval split's scenes (cells on a shape only: the background is easy).
 """
 from __future__ import annotations
 
@@ -31,12 +31,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from vl2lab.parallel import groups as vdist
-from vl2lab.model.vision import encode_tiles
 from vl2lab.inputs.tiling import global_view
+from vl2lab.model import build_model
+from vl2lab.model.vision import encode_tiles
+from vl2lab.parallel import groups as vdist
+from vl2lab.train.batches import step_examples
+from vl2lab.train.loop import TrainingError, lr_schedule, resolve_config, wrap_ddp
+from vl2lab.train.scenes import EVAL_OFFSET, SHAPES, make_scene
+from vl2lab.weights.pretrained import CheckpointError
 
-__all__ = ["TOWER_FILE", "patch_labels", "global_views", "pretrain_tower", "load_tower"]
+__all__ = ["TOWER_FILE", "patch_labels", "global_views", "eval_batch", "shape_accuracy", "pretrain_tower",
+           "load_tower"]
 
 TOWER_FILE = "tower.safetensors"
 
@@ -67,16 +74,13 @@ class _TowerWithHead(torch.nn.Module):
 
 
 def _batch(seeds, grid: int) -> tuple:
-    from vl2lab.train.scenes import make_scene
-
+    """(global views, patch labels) of the scenes of ``seeds``."""
     sc = [make_scene(int(s)) for s in seeds]
     return global_views(sc), torch.stack([patch_labels(s, grid) for s in sc])
 
 
 def eval_batch(grid: int, n: int = 48) -> tuple:
     """(global views, patch labels) of the first ``n`` eval-split scenes."""
-    from vl2lab.train.scenes import EVAL_OFFSET
-
     return _batch(range(EVAL_OFFSET, EVAL_OFFSET + n), grid)
 
 
@@ -95,27 +99,21 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
     """Rank function: pre-train ``config``'s tower for ``steps`` steps of W·``batch_size`` scenes (see the module
     docstring); rank 0 saves ``out/tower.safetensors``. Returns the history, the eval patch accuracy on shapes
     (every ``log_every`` steps and at the end) and the wall time."""
-    from safetensors.torch import save_file
-
-    from vl2lab.train.ddp import TrainingError, _config, _schedule, _wrap, step_examples
-    from vl2lab.model.vl2 import build_model
-    from vl2lab.train.scenes import SHAPES
-
     if steps < 1 or batch_size < 1:
         raise TrainingError(f"steps={steps} and batch_size={batch_size} must both be ≥ 1")
     world, rank = vdist.world_size(), vdist.rank()
-    cfg = _config(config)
+    cfg = resolve_config(config)
     grid = cfg.vision_config.grid
     torch.manual_seed(seed)
     tower = build_model(cfg, seed=seed).vision                      # the same initial tower as ddp.train's
     model = _TowerWithHead(tower, cfg.vision_config.width, 1 + len(SHAPES)).to(vdist.device()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98))
-    net = _wrap(model) if world > 1 else model
+    net = wrap_ddp(model) if world > 1 else model
     held_out = eval_batch(grid, eval_n) if rank == 0 else None      # rendered once, scored every log_every steps
     history, evals, t0 = [], [], time.time()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * _schedule(step, steps, warmup, min_lr_ratio)
+            g["lr"] = lr * lr_schedule(step, steps, warmup, min_lr_ratio)
         x, y = _batch(step_examples(range(n_train), step, batch_size, world, rank, seed), grid)
         logits = net(x.to(vdist.device()))                          # [b, grid², 5]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(logits.device).reshape(-1))
@@ -142,10 +140,6 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
 
 def load_tower(model: torch.nn.Module, path: str) -> None:
     """Put the pre-trained tower in ``path`` (a ``tower.safetensors``) into ``model.vision``, or one clear error."""
-    from safetensors.torch import load_file
-
-    from vl2lab.weights.checkpoint import CheckpointError
-
     if not os.path.isfile(path):
         raise CheckpointError(f"no pre-trained tower at {path}; run stage 0 first "
                               "(vl2lab.run('vl2lab.train.tower:pretrain_tower', out=...)) or pass tower=''")

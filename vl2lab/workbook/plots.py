@@ -1,7 +1,19 @@
-"""One style for every figure: one colour per rank, titles that say what ran where.
+"""One style for every figure, and the figures of ranks working together.
 
 Every plotting function returns the matplotlib Figure (notebooks end the cell with ``;`` or ``plt.show()``) and
-never computes numbers itself: it draws what a measured or derived result holds.
+never computes numbers itself: it draws what a measured or derived result holds. One colour per rank
+(:func:`rank_color`) everywhere; titles say what ran where.
+
+The figures live in three modules, one per kind of question:
+
+- ``plots`` (this one): the shared style (``RANK_COLORS``, ``rank_color``, ``save``) and the figures of several
+  ranks — how a linear layer is split and what collectives cost (notebook 02), what each rank holds and how the
+  three layouts compare (notebook 04);
+- ``baseline_plots``: one model on one device — tiles, answers, stage times, prefill memory (notebook 01);
+- ``tuning_plots``: the tuning ladder and the benchmark against its floor (notebook 05).
+
+matplotlib is imported inside each figure function: it is heavy, and ranks and tests that draw nothing never
+load it (it picks the Agg backend by itself where there is no display).
 
 Lesson: every notebook; the split drawings are notebook 02, section 1.
 """
@@ -9,21 +21,33 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-import matplotlib.pyplot as plt  # matplotlib picks Agg by itself where there is no display
-from matplotlib.patches import Rectangle
-
 RANK_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
 GREY = "#D0D0D0"
 
 
 def rank_color(rank: int) -> str:
+    """The colour of ``rank`` in every figure of the workbook."""
     return RANK_COLORS[rank % len(RANK_COLORS)]
 
+
+def save(fig, output_dir: str, name: str) -> str | None:
+    """Save under ``output_dir/figures/name.png`` when an output folder is set (papermill runs)."""
+    if not output_dir:
+        return None
+    d = os.path.join(output_dir, "figures")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{name}.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# -------------------------------------------------------------------------------- notebook 02 (tensor-parallel maths)
 
 def _matrix(ax, x0, y0, w, h, blocks, axis, label, shape_txt):
     """Draw a w×h matrix at (x0, y0); ``blocks`` = [(start, end, colour)] along ``axis`` ('cols'|'rows'),
     given as fractions of the full extent."""
+    from matplotlib.patches import Rectangle
+
     if not blocks:
         ax.add_patch(Rectangle((x0, y0), w, h, facecolor=GREY, edgecolor="black", lw=1))
     for s, e, col in blocks:
@@ -36,11 +60,15 @@ def _matrix(ax, x0, y0, w, h, blocks, axis, label, shape_txt):
 
 
 def draw_linear_split(table: dict, tokens: int = 4):
-    """Column and row splits of Y = X·W (W in the maths layout [in, out]) from a ``tp_checks.shard_table``.
+    """Column and row splits of Y = X·W (W in the maths layout [in, out]) from
+    ``vl2lab.lessons.tp_layers.shard_table``.
 
     Column: W split by output columns, X whole on every rank, each rank a block of Y's columns.
     Row: W split by input rows, X split by the matching columns, each rank a full-size partial Y; Y = Σ.
     """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
     out_f, in_f = table["dense_weight_shape"]
     n = table["world_size"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -70,7 +98,9 @@ def draw_linear_split(table: dict, tokens: int = 4):
 
 
 def plot_collectives(result: dict, hardware: str):
-    """Time and bus bandwidth against message size, from ``collectives.bench_collectives`` (rank 0)."""
+    """Time and bus bandwidth against message size, from ``vl2lab.perf.collectives.bench_collectives`` (rank 0)."""
+    import matplotlib.pyplot as plt
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, (op, rows) in enumerate(result["ops"].items()):
         sizes = rows["sizes"]
@@ -92,162 +122,12 @@ def plot_collectives(result: dict, hardware: str):
     return fig
 
 
-def save(fig, output_dir: str, name: str) -> str | None:
-    """Save under ``output_dir/figures/name.png`` when an output folder is set (papermill runs)."""
-    if not output_dir:
-        return None
-    d = os.path.join(output_dir, "figures")
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{name}.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
-
-
-# ------------------------------------------------------------------------------------ notebook 01 (baseline)
-
-_KIND_COLORS = {0: "#9DB8D9", 1: "#DD8452", 2: "#C44E52"}  # image cell, newline, view separator
-
-
-def _tile_image(t):
-    """A normalised tile [3, S, S] in [−1, 1] → an [S, S, 3] array in [0, 1] for imshow."""
-    return ((t.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-
-
-def draw_tiles(image, tiles, crop, layout: dict, title: str = ""):
-    """What the processor makes of one picture: the original, the 384×384 global view, the local tiles on the
-    chosen canvas (row-major, as cut), and the image-token layout (``baseline.token_layout``): one square per LM
-    position, rows as the model lays them out (global 14×14 + a newline per row, the separator, the stitched local
-    grid + a newline per row)."""
-    import numpy as np
-
-    tw, th = crop
-    fig = plt.figure(figsize=(13, 3.6))
-    gs = fig.add_gridspec(th, 3 + tw, width_ratios=[th, th, *([1] * tw), 1.4 * th])
-    ax = fig.add_subplot(gs[:, 0])
-    ax.imshow(image)
-    ax.set_title(f"original {image.width}×{image.height}", fontsize=9)
-    ax = fig.add_subplot(gs[:, 1])
-    ax.imshow(_tile_image(tiles[0]))
-    ax.set_title("global view 384×384", fontsize=9)
-    for i in range(tw * th):
-        a = fig.add_subplot(gs[i // tw, 2 + i % tw])
-        a.imshow(_tile_image(tiles[1 + i]))
-        a.set_title(f"tile {i}", fontsize=8)
-        a.axis("off")
-    fig.axes[0].axis("off")
-    fig.axes[1].axis("off")
-    kinds, h = layout["kinds"], 14
-    width = max(h + 1, h * tw + 1)
-    grid = np.full((h + 1 + h * th, width, 3), 1.0)
-    rgb = {k: matplotlib.colors.to_rgb(c) for k, c in _KIND_COLORS.items()}
-    sep = layout["separator_at"]
-    for j, k in enumerate(kinds):
-        if j < sep:
-            r, c = divmod(j, h + 1)
-        elif j == sep:
-            r, c = h, 0
-        else:
-            r, c = divmod(j - sep - 1, h * tw + 1)
-            r += h + 1
-        grid[r, c] = rgb[k]
-    ax = fig.add_subplot(gs[:, -1])
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_title(f"{layout['tokens']} image tokens", fontsize=9)
-    ax.axis("off")
-    handles = [Rectangle((0, 0), 1, 1, facecolor=_KIND_COLORS[k]) for k in (0, 1, 2)]
-    ax.legend(handles, ["cell", "newline", "separator"], loc="upper center", bbox_to_anchor=(0.5, 0.0),
-              ncol=3, fontsize=7, frameon=False)
-    fig.suptitle(title or f"canvas {layout['canvas'][0]}×{layout['canvas'][1]}: {tw}×{th} tiles + global = "
-                 f"{layout['vit_passes']} ViT passes", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def draw_answers(items, cols: int = 4):
-    """Scenes with their question, the model's answer and its verdict; grounding boxes drawn (answer solid, truth
-    dashed). ``items``: dicts with image, question, answer, truth, ok and, for grounding, boxes (answer),
-    truth_boxes (pixels) and iou."""
-    rows = -(-len(items) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, it in zip(axes.flat, items):
-        ax.imshow(it["image"])
-        for boxes, style in ((it.get("truth_boxes", []), "--"), (it.get("boxes", []), "-")):
-            for x1, y1, x2, y2 in boxes:
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ls=style,
-                                       edgecolor="black" if style == "--" else "#C44E52"))
-        mark = "✓" if it["ok"] else "✗"
-        said = f"box, IoU {it['iou']:.2f}" if "iou" in it else repr(it["answer"][:30])
-        ax.set_title(f"{it['question']}\n→ {said} {mark}", fontsize=8,
-                     color="black" if it["ok"] else "#C44E52")
-    fig.tight_layout()
-    return fig
-
-
-def plot_profile(result: dict, hardware: str):
-    """Stage times per batch size (stacked: preprocess, vision, projector, LM prefill, decode of the new
-    tokens) and throughput, from ``baseline.profile``."""
-    runs = result["runs"]
-    n = result["new_tokens"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    labels = [str(r["batch"]) for r in runs]
-    parts = [("preprocess", lambda r: r["times"]["preprocess"]["median"]),
-             ("vision", lambda r: r["times"]["vision"]["median"]),
-             ("projector", lambda r: r["times"]["projector"]["median"]),
-             ("LM prefill", lambda r: r["times"]["prefill"]["median"]),
-             (f"decode ({n - 1} steps)", lambda r: r["decode_s_per_token"] * (n - 1))]
-    bottom = [0.0] * len(runs)
-    for i, (name, f) in enumerate(parts):
-        vals = [max(f(r), 0.0) * 1e3 for r in runs]
-        a1.bar(labels, vals, bottom=bottom, color=rank_color(i), label=name)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    a1.set_xlabel("batch size")
-    a1.set_ylabel("time (ms, medians)")
-    a1.legend(fontsize=8)
-    b = [r["batch"] for r in runs]
-    a2.plot(b, [r["tokens_per_s"] for r in runs], "o-", color=rank_color(0), label="new tokens/s")
-    a2.set_xlabel("batch size")
-    a2.set_ylabel("new tokens/s", color=rank_color(0))
-    a3 = a2.twinx()
-    a3.plot(b, [r["images_per_s"] for r in runs], "s--", color=rank_color(1), label="images/s (end to end)")
-    a3.set_ylabel("images/s (end to end)", color=rank_color(1))
-    a2.set_xscale("log", base=2)
-    a2.set_xticks(b, [str(x) for x in b])
-    a2.minorticks_off()
-    a2.grid(alpha=0.3)
-    fig.suptitle(f"one image 768×768 + 32-token prompt + {n} new tokens, {result['dtype']} — {hardware}",
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_prefill_memory(rows, title: str):
-    """Measured peak memory of one-shot and chunked prefills beside the prediction, from
-    ``baseline.measure_prefill`` rows (MB on a log scale)."""
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    names = [f"{r['mode'].split(' (')[0]}\n{r['prefill']}" + (f" {r['chunk']}" if r["prefill"] == "chunked" else "")
-             for r in rows]
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [(r["measured_bytes"] or 0) / 1e6 for r in rows], 0.4, color=rank_color(0),
-           label="measured peak")
-    ax.bar([i + 0.2 for i in x], [r["predicted_bytes"] / 1e6 for r in rows], 0.4, color=rank_color(1),
-           label="predicted (sizing)")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(names, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("MB above the loaded model")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------- notebook 04 (full deployment)
+# ------------------------------------------------------------------------------------ notebook 04 (full deployment)
 
 def _segments(ax, y, parts, total, label, height=0.6):
     """One horizontal bar of ``total`` units split into ``parts`` = [(start, end, rank, text)]."""
+    from matplotlib.patches import Rectangle
+
     for s, e, r, txt in parts:
         ax.add_patch(Rectangle((s / total, y - height / 2), (e - s) / total, height, facecolor=rank_color(r),
                                edgecolor="white", lw=1))
@@ -256,9 +136,12 @@ def _segments(ax, y, parts, total, label, height=0.6):
 
 
 def draw_rank_holdings(plan: dict, config, title: str = ""):
-    """What each rank holds (``deploy_checks.holdings_plan``), one colour per rank: attention heads, vocabulary
-    rows, dense and shared-expert widths, and the routed experts under moe="tp" (every expert, each rank a slice
-    of its width: stripes) and moe="ep" (whole experts per rank)."""
+    """What each rank holds (``vl2lab.lessons.sharded_vs_dense.holdings_plan``), one colour per rank: attention
+    heads, vocabulary rows, dense and shared-expert widths, and the routed experts under moe="tp" (every expert,
+    each rank a slice of its width: stripes) and moe="ep" (whole experts per rank)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
     lc = getattr(config, "language_config", config)
     rows = next(v for v in plan.values() if isinstance(v, list))
     n = len(rows)
@@ -306,9 +189,11 @@ def draw_rank_holdings(plan: dict, config, title: str = ""):
 
 
 def plot_three_layouts(results: list, hardware: str):
-    """``deploy_checks.three_layouts`` (one dict per rank): left, the compute intervals of each rank during one
-    request in each layout (time from that layout's first interval); right, latency of one request and requests
-    per second for the whole batch."""
+    """``vl2lab.lessons.three_layouts.three_layouts`` (one dict per rank): left, the compute intervals of each rank
+    during one request in each layout (time from that layout's first interval); right, latency of one request and
+    requests per second for the whole batch."""
+    import matplotlib.pyplot as plt
+
     names = {"tp": "tensor + expert parallel", "dp": "data parallel (DDP replicas)",
              "layer_split": "layer split (official device_map)"}
     n = len(results)
@@ -348,6 +233,8 @@ def plot_three_layouts(results: list, hardware: str):
 def plot_param_bytes_per_rank(rows: dict, title: str):
     """Parameter bytes each rank holds under several layouts: ``rows`` = {layout: [bytes of rank 0, 1, ...]}, one
     colour per rank."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 3.4))
     names = list(rows)
     n = max(len(v) for v in rows.values())
@@ -361,82 +248,5 @@ def plot_param_bytes_per_rank(rows: dict, title: str):
     ax.legend(fontsize=8, ncol=n)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_ladder(tables: dict, metric: str = "decode_ms_per_step", batch: int = 1, title: str = ""):
-    """One bar per rung (log scale) for each model: ``tables`` = {model: ladder_report.rows(...)}; the floor as a
-    dashed line."""
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 3.6), squeeze=False)
-    for ax, (model, rows) in zip(axes[0], tables.items()):
-        rs = [r for r in rows if r["batch"] == batch]
-        vals = [r[metric] for r in rs]
-        ax.bar(range(len(rs)), vals, color=[rank_color(i) for i in range(len(rs))])
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
-        floor_key = "floor_decode_ms" if metric == "decode_ms_per_step" else "floor_images_per_s"
-        if rs and rs[0][floor_key] == rs[0][floor_key]:
-            ax.axhline(rs[0][floor_key], ls="--", color="k", lw=1, label="floor (measured ceilings)")
-            ax.legend(fontsize=7)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(rs)))
-        ax.set_xticklabels([r["rung"].split(" ")[0] for r in rs], fontsize=8)
-        ax.set_xlabel("rung", fontsize=8)
-        ax.set_ylabel(f"{metric} (batch {batch})", fontsize=8)
-        ax.set_title(model, fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_batch_curve(rows: list, title: str = ""):
-    """Latency (ms per decode step) against throughput (images/s) over batch size, one line per rung:
-    ``rows`` as from ``ladder_report.rows``."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for i, rung in enumerate(dict.fromkeys(r["rung"] for r in rows)):
-        rs = sorted((r for r in rows if r["rung"] == rung), key=lambda r: r["batch"])
-        if len(rs) < 2:
-            continue
-        ax.plot([r["images_per_s"] for r in rs], [r["decode_ms_per_step"] for r in rs], "o-", color=rank_color(i),
-                label=rung)
-        for r in rs:
-            ax.annotate(f"b{r['batch']}", (r["images_per_s"], r["decode_ms_per_step"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("images/s (whole workload)")
-    ax.set_ylabel("ms per decode step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_bench_floor(result: dict):
-    """The benchmark against its floor: per batch size, measured vs floor for the vision tower, the prefill (which
-    includes the vision tower), one decode step and the whole request (log scale); ``result`` from
-    ``vl2lab.perf.bench.run``."""
-    runs = result["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 3.4), squeeze=False)
-    parts = ("vision", "vision + prefill", "decode step", "request")
-    for ax, r in zip(axes[0], runs):
-        f = r["floor"]
-        meas = [r["vision_s"]["median"], r["prefill_s"]["median"], r["decode_ms_per_token"] / 1e3, r["e2e_s"]["median"]]
-        floor = [f["vision_s"], f["vision_s"] + f["prefill_s"], f["decode_s_per_step"], f["e2e_s"]]
-        x = range(len(parts))
-        ax.bar([i - 0.2 for i in x], [v * 1e3 for v in meas], 0.4, label="measured", color=rank_color(0))
-        ax.bar([i + 0.2 for i in x], [v * 1e3 for v in floor], 0.4, label="floor", color=rank_color(2))
-        ax.set_yscale("log")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(parts, fontsize=8)
-        ax.set_ylabel("ms", fontsize=8)
-        ax.set_title(f"batch {r['batch']}: {r['images_per_s']:.1f} images/s (floor {r['floor']['images_per_s']:.0f})",
-                     fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    env = result["environment"]
-    fig.suptitle(f"{result['model']}, {result['dtype']}, decode={result.get('decode', 'eager')} — "
-                 f"{env.get('gpu', 'CPU')}", fontsize=10)
     fig.tight_layout()
     return fig

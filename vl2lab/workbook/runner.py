@@ -1,6 +1,6 @@
 """Run the whole workbook, or refresh the notebooks' reference outputs.
 
-``python -m vl2lab.workbook.runner run --profile cpu`` (what ``make run`` calls) executes every ``notebooks/NN_*.ipynb``
+``python -m vl2lab.workbook run --profile cpu`` (what ``make run`` calls) executes every ``notebooks/NN_*.ipynb``
 in order with papermill into a fresh folder ``runs/<time>-<profile>/`` — never over the sources — with the
 parameters of ``notebooks/params/<profile>.yaml``, and writes ``report.md`` / ``report.json`` (notebook, status,
 duration). A profile file maps ``all`` and each notebook's stem to papermill parameters::
@@ -8,9 +8,12 @@ duration). A profile file maps ``all`` and each notebook's stem to papermill par
     all: {DTYPE: bfloat16}
     04_full_4gpu_deployment: {WORLD_SIZE: 4}
 
-``python -m vl2lab.workbook.runner refresh`` (``make refresh``) re-executes the source notebooks *in place* with their own
-defaults (no injected-parameters cell), so that their stored outputs — nbval's reference — come from a real
+``python -m vl2lab.workbook refresh`` (``make refresh``) re-executes the source notebooks *in place* with their
+own defaults (no injected-parameters cell), so that their stored outputs — nbval's reference — come from a real
 CPU-default run. Widget state is dropped and the kernelspec normalised to ``python3``.
+
+papermill, nbformat and nbclient are imported inside :func:`run` and :func:`refresh`: they are heavy and only
+needed when notebooks are executed.
 
 Lesson: notebook 00, section "Parameters" (papermill parameters and profile files).
 """
@@ -22,6 +25,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -40,7 +45,7 @@ def notebooks(only: str | None = None) -> list[Path]:
 
 
 def load_profile(profile: str) -> dict:
-    import yaml
+    """The papermill parameters of ``notebooks/params/<profile>.yaml``: {"all" or a notebook stem: {NAME: value}}."""
     fn = NOTEBOOKS / "params" / f"{profile}.yaml"
     if not fn.is_file():
         known = sorted(p.stem for p in (NOTEBOOKS / "params").glob("*.yaml"))
@@ -52,11 +57,14 @@ def load_profile(profile: str) -> dict:
 
 
 def params_for(profile: dict, stem: str) -> dict:
+    """The parameters one notebook gets: the profile's ``all`` entry, overridden by the notebook's own entry."""
     return {**(profile.get("all") or {}), **(profile.get(stem) or {})}
 
 
 def run(profile_name: str, only: str | None, out: str | None, timeout: int) -> int:
+    """Execute the notebooks with papermill into a fresh output folder and write its report; 1 if any failed."""
     import papermill as pm
+
     profile = load_profile(profile_name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out) if out else ROOT / "runs" / f"{stamp}-{profile_name}"
@@ -104,9 +112,11 @@ def clean_notebook(nb) -> None:
 
 
 def refresh(only: str | None, timeout: int) -> int:
+    """Re-execute the source notebooks in place with their own defaults; a failing one is left unchanged."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
+
     rc = 0
     for nb_path in notebooks(only):
         nb = nbformat.read(nb_path, as_version=4)
@@ -126,16 +136,20 @@ def refresh(only: str | None, timeout: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vl2lab.workbook.runner", description=__doc__.split("\n\n")[0])
+    """``python -m vl2lab.workbook run|refresh`` (see the module docstring); returns the exit status."""
+    ap = argparse.ArgumentParser(prog="python -m vl2lab.workbook", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    only_help = "comma-separated notebook prefixes or name parts, e.g. 02,04 (default: every notebook)"
+    timeout_help = "per-cell timeout in seconds (default: 1800)"
     r = sub.add_parser("run", help="execute the notebooks with papermill into runs/<time>-<profile>/")
-    r.add_argument("--profile", default="cpu")
-    r.add_argument("--only", default=None, help="comma-separated notebook prefixes, e.g. 02,04")
-    r.add_argument("--out", default=None, help="output folder (default runs/<time>-<profile>)")
-    r.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
+    r.add_argument("--profile", default="cpu",
+                   help="parameter profile, notebooks/params/<profile>.yaml (default: cpu)")
+    r.add_argument("--only", default=None, help=only_help)
+    r.add_argument("--out", default=None, help="output folder (default: runs/<time>-<profile>/)")
+    r.add_argument("--timeout", type=int, default=1800, help=timeout_help)
     f = sub.add_parser("refresh", help="re-execute the source notebooks in place (reference outputs)")
-    f.add_argument("--only", default=None)
-    f.add_argument("--timeout", type=int, default=1800)
+    f.add_argument("--only", default=None, help=only_help)
+    f.add_argument("--timeout", type=int, default=1800, help=timeout_help)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.cmd == "run":

@@ -1,0 +1,148 @@
+"""The fixed workload every measurement of the workbook runs, and how it is timed.
+
+Lesson: notebook 01, section "4. Where time and memory go"; notebook 05, section "2. The ladder, run here".
+
+Workload: one 768×768 image (a 2×2 tiling: 5 ViT passes, 1023 image tokens), a 32-token text prompt, 64 new tokens
+with EOS ignored, at a given batch size. :func:`timed` gives the median of ``repeats`` runs after ``warmup`` runs
+(p10/p90 kept), with CUDA events on GPUs; :func:`measure_generate` is the one measurement of that workload that the
+benchmark (:mod:`vl2lab.perf.bench`) and the tuning ladder (:mod:`vl2lab.perf.rungs`) share. :func:`environment`
+names the hardware and versions a result was measured with.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image",
+           "workload_conversation", "real_tiles", "timed", "measure_generate"]
+
+IMAGE_SIZE = (768, 768)
+PROMPT_TOKENS = 32
+NEW_TOKENS = 64
+
+
+def environment() -> dict:
+    """Hardware and software this run used."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "platform": platform.platform()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.split()
+            info["driver"] = out[0] if out else None
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: the first GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def workload_image(seed: int = 0, size: tuple = IMAGE_SIZE) -> Image.Image:
+    """A deterministic RGB test picture of ``size`` (width, height; the workload's 768×768 by default): smooth
+    colour ramps plus noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype("uint8")
+    return Image.fromarray(img, "RGB")
+
+
+def workload_conversation(processor, image, prompt_tokens: int = PROMPT_TOKENS) -> list:
+    """One user turn with the image and a question whose text (template included) is ``prompt_tokens`` tokens."""
+    def conv(q):
+        return [{"role": "<|User|>", "content": "<image>\n" + q, "images": [image]},
+                {"role": "<|Assistant|>", "content": ""}]
+
+    def text_tokens(q):
+        b = processor(conversation=conv(q))
+        return int(b["input_ids"].shape[1] - b["images_seq_mask"].sum())
+
+    q = "Describe the picture"
+    n = text_tokens(q)
+    while n < prompt_tokens:
+        for piece in (" 7", "7"):
+            m = text_tokens(q + piece)
+            if m <= prompt_tokens:
+                q, n = q + piece, m
+                break
+        else:
+            break
+    return conv(q)
+
+
+def real_tiles(batch) -> torch.Tensor:
+    """The real tiles of a processor batch, in order (per sequence: its images' global view, then their local
+    tiles), without the padding tiles (nor the (0, 0) rows of missing images): [N, 3, 384, 384]."""
+    per = [sum(1 + w * h for w, h in rows.tolist() if (w, h) != (0, 0)) for rows in batch["images_spatial_crop"]]
+    return torch.cat([batch["images"][b, :n] for b, n in enumerate(per)], dim=0)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median, p10, p90 (seconds) of ``repeats`` calls of ``fn`` after ``warmup`` calls; CUDA events on GPUs."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return {"median": statistics.median(times), "p10": q[0], "p90": q[-1], "n": len(times)}
+
+
+def measure_generate(vl2, processor, conv, batch_size: int, decode: str = "eager", repeats: int = 3,
+                     warmup: int = 1, new_tokens: int = NEW_TOKENS) -> dict:
+    """Time the vision tower on the batch's tiles, ``generate`` of 1 token (prefill) and of ``new_tokens``
+    (EOS ignored) for ``batch_size`` copies of ``conv``; peak device memory of the full generation on GPUs.
+    Returns the batch (on the model's device), its real tiles, the three timings, the tokens and the peak."""
+    dev = next(vl2.parameters()).device
+    dt = next(vl2.parameters()).dtype
+    batch = processor(conversations=[conv] * batch_size).to(dev, dt)
+    tiles = real_tiles(batch)                                        # [N real tiles, 3, 384, 384]
+
+    def gen(n):
+        return vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True, decode=decode)
+
+    out = {"batch": batch, "tiles": tiles}
+    with torch.inference_mode():
+        out["vision_s"] = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
+        out["prefill_s"] = timed(lambda: gen(1), dev, repeats, warmup)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        out["e2e_s"] = timed(lambda: gen(new_tokens), dev, repeats, warmup)
+        out["tokens"] = gen(new_tokens)
+    if dev.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return out
