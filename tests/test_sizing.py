@@ -120,7 +120,7 @@ def test_layout_bytes_parts():
     assert ep["weight_parts"]["routed_experts"] == 29 * 9 * S.param_counts(base)["routed_expert"] * 2
     with pytest.raises(ValueError, match="ep=1"):
         L.layout_bytes(base, tp=2, ep=2, moe="tp")
-    with pytest.raises(ValueError, match="heads 10 < 16"):
+    with pytest.raises(ValueError, match="10 attention heads cannot be split over 16"):
         L.layout_bytes(get_config(TINY), tp=16)
 
 

@@ -1,5 +1,6 @@
-"""The DeepSeek-VL2 model: vision tower + projector (:mod:`.vision`), language model (:mod:`.language`), the whole
-model (:mod:`.vl2`) and greedy/sampled decoding (:mod:`.generation`).
+"""The DeepSeek-VL2 model, knowing nothing of parallelism: ``config`` (presets, official config.json), ``attention``
+(MHA, MLA), ``moe``, ``language``, ``vision`` (SigLIP + projector + token layout), ``vl2`` (the whole model),
+``generation`` (KV cache, sampling), ``graph_decode`` (the decode step as a CUDA graph), ``build`` and ``dtypes``.
 
 Lesson: notebook 01 (the model, end to end) and notebook 04 (the same model sharded over N ranks).
 """

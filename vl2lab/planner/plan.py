@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from vl2lab.inputs.tiling import image_layout
 from vl2lab.model.config import ConfigError, get_config, preset_name
 from vl2lab.parallel.plan import vision_mode
-from vl2lab.planner import layouts as S
+from vl2lab.planner import layouts as L
 from vl2lab.planner.commands import multinode_lines, sglang_lines, vl2lab_lines, vllm_lines
-from vl2lab.planner.sizing import gb
+from vl2lab.planner.sizing import CUDA_CONTEXT_BYTES, format_table, gb, param_counts
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -82,7 +82,7 @@ class Plan:
     # ------------------------------------------------------------------------------------------- output
     def table(self) -> str:
         """Deterministic plain-text report: the request, one GPU, every layout, the pick and the warnings."""
-        s, r, c = self.settings, self.request, S.param_counts(self.cfg)
+        s, r, c = self.settings, self.request, param_counts(self.cfg)
         n = s["images_per_prompt"]
         img = (f"{n} image{'s' if n > 1 else ''} {r['image_size'][0]}x{r['image_size'][1]} -> "
                f"{r['tiles_per_image'][0]}x{r['tiles_per_image'][1]} tiles + global = {r['vit_passes']} ViT "
@@ -92,11 +92,11 @@ class Plan:
         lines = [f"{self.cfg.name}: {c['total'] / 1e9:.2f}B parameters ({c['activated'] / 1e9:.2f}B activated), "
                  f"{s['dtype']}",
                  f"GPUs: {s['n_gpus']} x {s['gpu_gb']:g} GB, usable {gb(self.usable):.2f} GB each "
-                 f"(= {s['gpu_gb']:g} x {1 - s['margin']:g} - {gb(S.CUDA_CONTEXT_BYTES):g} CUDA context)",
+                 f"(= {s['gpu_gb']:g} x {1 - s['margin']:g} - {gb(CUDA_CONTEXT_BYTES):g} CUDA context)",
                  f"request: {img}; + {s['text_tokens']} text + {s['new_tokens']} new = {r['seq_len']} tokens",
                  f"sized per sequence: {r['planned_len']} tokens"
                  f" ({'context' if s['context'] else 'request length'}), {_n(s['batch'], 'sequence')} in flight",
-                 "", S.format_table(rows, floatfmt="{:.2f}"), ""]
+                 "", format_table(rows, floatfmt="{:.2f}"), ""]
         if self.recommended:
             x = self.recommended
             lines.append(f"pick: tp={x['tp']} ep={x['ep']} dp={x['dp']} moe={x['moe']}: {_n(x['group'], 'GPU')} per "
@@ -217,20 +217,20 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
     planned = context or seq_len
     tiles = images_per_prompt * lay["vit_passes"]
     work = dict(batch=batch, seq_len=planned, tiles=tiles, dtype=dtype, vision=vis)
-    usable = S.usable_bytes(gpu_gb * 1e9, margin)
+    usable = L.usable_bytes(gpu_gb * 1e9, margin)
 
     def row(tp, ep, dp, moe):
-        x = S.layout_bytes(cfg, tp=tp, ep=ep, dp=dp, moe=moe, **work)
-        vllm = S.legal_tp_sizes(cfg, max(tp, 16), moe, "tp", rule="vllm")
+        x = L.layout_bytes(cfg, tp=tp, ep=ep, dp=dp, moe=moe, **work)
+        vllm = L.legal_tp_sizes(cfg, max(tp, 16), moe, "tp", rule="vllm")
         return {**x, "group": tp if moe == "tp" else max(tp, ep), "fits": x["total"] <= usable,
                 "headroom": usable - x["total"], "vllm_problem": vllm.rejected.get(tp)}
 
     single = row(1, 1, 1, "tp")
     rows = []
-    eps = S.legal_ep_sizes(cfg, max_ep=n_gpus)
+    eps = L.legal_ep_sizes(cfg, max_ep=n_gpus)
     rule = "vl2lab" if uneven_heads else "vllm"
-    tp_ok = S.legal_tp_sizes(cfg, n_gpus, "tp", vis, rule)
-    for tp in S.legal_tp_sizes(cfg, n_gpus, "ep", vis, rule):
+    tp_ok = L.legal_tp_sizes(cfg, n_gpus, "tp", vis, rule)
+    for tp in L.legal_tp_sizes(cfg, n_gpus, "ep", vis, rule):
         if n_gpus % tp:
             continue
         cands = [("tp", 1)] if "tp" in moe_modes and tp in tp_ok else []
@@ -254,11 +254,11 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
 
 def _hint(cfg, usable, work, gpu_gb) -> str:
     """How many GPUs of this size one model copy needs (smallest legal tp, experts by width or EP)."""
-    for tp in S.legal_tp_sizes(cfg, 256, "ep"):
+    for tp in L.legal_tp_sizes(cfg, 256, "ep"):
         for moe in ("tp", "ep"):
             ep = tp if moe == "ep" else 1
             try:
-                if S.layout_bytes(cfg, tp=tp, ep=ep, moe=moe, **work)["total"] <= usable:
+                if L.layout_bytes(cfg, tp=tp, ep=ep, moe=moe, **work)["total"] <= usable:
                     return (f"one copy needs tp={tp} (moe={moe}) on {gpu_gb:g} GB GPUs: use {tp} or a multiple, "
                             "larger GPUs, a smaller batch or a shorter context")
             except ValueError:
