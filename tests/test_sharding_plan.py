@@ -98,3 +98,29 @@ def test_vision_tp_splits_the_tower_mlp_and_cannot_be_switched():
         set_vision_mode(model, "data_parallel")
     with pytest.raises(ValueError, match="rank="):
         shard_model(build_model(cfg, device="meta"), rank=1)
+
+
+def _numel(shape) -> int:
+    return int(torch.Size(shape).numel())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("moe,vision", MODES)
+def test_per_rank_bytes_partition_the_model_at_every_legal_world_size(name, moe, vision):
+    """At every world size the plan allows (up to 16): the ranks' slices of each split tensor tile it exactly (no
+    overlap, no gap), and the planner's per-rank count is the replicated tensors plus the rank's slices."""
+    cfg = get_config(name)
+    shapes = model_shapes(cfg)
+    heads = cfg.language_config.num_attention_heads
+    for t in legal_tp_sizes(cfg, 16, moe, vision):
+        ranks = [plan_slices(shapes, heads, r, t, moe, vision) for r in range(t)]
+        split = set(ranks[0])
+        assert all(set(sl) == split for sl in ranks)
+        for key in split:
+            pieces = sorted((sl[key].start, sl[key].end) for sl in ranks)
+            assert pieces[0][0] == 0 and pieces[-1][1] == shapes[key][ranks[0][key].dim], (t, key)
+            assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), (t, key)
+        replicated = sum(_numel(s) for k, s in shapes.items() if k not in split)
+        counts = [rank_weight_params(cfg, tp=t, ep=t, moe=moe, vision=vision, rank=r)["total"] for r in range(t)]
+        assert counts == [replicated + sum(_numel(v.shape) for v in sl.values()) for sl in ranks], t
+        assert counts[0] == max(counts)                      # rank 0 is the most loaded, as the planner assumes
