@@ -51,7 +51,7 @@ def export(checkpoint: str, out: str, dtype: str = "auto") -> dict:
     if dtype == "auto":
         model, _ = load_pretrained(checkpoint)
         dtype = "float32" if 4 * sum(p.numel() for p in model.parameters()) < AUTO_FP32_BYTES else "bfloat16"
-    model, processor = load_pretrained(checkpoint, dtype=getattr(torch, dtype))
+    model, processor = load_pretrained(checkpoint, dtype=dtype)
     os.makedirs(out, exist_ok=True)
     save_pretrained(model, out, processor=processor)
     n = sum(p.numel() for p in model.parameters())

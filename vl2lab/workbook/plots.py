@@ -136,7 +136,7 @@ def _segments(ax, y, parts, total, label, height=0.6):
 
 
 def draw_rank_holdings(plan: dict, config, title: str = ""):
-    """What each rank holds (``vl2lab.lessons.sharded_vs_dense.holdings_plan``), one colour per rank: attention
+    """What each rank holds (``vl2lab.parallel.plan.holdings_by_rank``), one colour per rank: attention
     heads, vocabulary rows, dense and shared-expert widths, and the routed experts under moe="tp" (every expert,
     each rank a slice of its width: stripes) and moe="ep" (whole experts per rank)."""
     import matplotlib.pyplot as plt
