@@ -155,7 +155,7 @@ def layout_bytes(cfg: VL2Config, tp: int = 1, ep: int = 1, dp: int = 1, dtype="b
     if moe == "ep" and (tp * dp) % ep:
         raise ValueError(f"ep={ep} must divide the world size tp·dp = {tp * dp}")
     try:
-        check_plan(cfg, tp, moe if ep == tp or moe == "tp" else "tp", vision)
+        check_plan(cfg, tp, moe, vision)
     except ShardingError as e:
         raise ValueError(f"tp={tp} cannot split {cfg.name} (moe={moe!r}, vision={vision!r}): {e}; legal sizes: "
                          f"{list(legal_tp_sizes(cfg, max(tp, 16), moe, vision))}") from None
