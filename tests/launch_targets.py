@@ -62,3 +62,24 @@ def hang_at_exit():
     communicator teardown hangs."""
     threading.Thread(target=lambda: time.sleep(3600), daemon=False).start()
     return vdist.rank() + 10
+
+
+def sleep_then_rank(seconds=3.0):
+    """Every rank waits a moment (so a test can look at the launch while it runs), then returns its rank."""
+    time.sleep(seconds)
+    return vdist.rank()
+
+
+class Planted:
+    """Unpickling it runs code: it writes ``marker`` (what a file planted in a run folder could do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def return_planted(marker):
+    """Returns plain data with a Planted object inside: the launcher must never unpickle it."""
+    return {"rank": vdist.rank(), "x": [1, Planted(marker)]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,22 +197,65 @@ def test_prefill_memory_in_process(tiny_snapshot):
 
 
 def test_plots_draw(tiny_model):
+    """Each figure draws its inputs: the tiles the processor cut (as many as the layout says, each the pixels of
+    its tile), the token grid (one square per image token, by kind), the boxes of an answer, the stage times as
+    stacked bars of their medians, throughputs, memory bars, and the hardware / title strings."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     from vl2lab.workbook import baseline_plots as plots
     _, processor = tiny_model
     im = baseline.sample_images(scene_seeds=())["logo2.png"]
     lay = baseline.token_layout(im.width, im.height)
+    tw, th = lay["tiles"]
     b = processor(conversation=[{"role": "<|User|>", "content": "<image>\nx", "images": [im]},
                                 {"role": "<|Assistant|>", "content": ""}])
-    figs = [plots.draw_tiles(im, b["images"][0], lay["tiles"], lay),
-            plots.draw_answers([{"image": im, "question": "q", "answer": "a", "truth": "a", "ok": True,
-                                 "boxes": [[1, 1, 20, 20]], "truth_boxes": [[2, 2, 30, 30]], "iou": 0.5}])]
-    t = {"median": 0.1}
-    run = {"batch": 1, "times": {k: t for k in ("preprocess", "vision", "projector", "prefill")},
-           "decode_s_per_token": 0.01, "tokens_per_s": 10.0, "images_per_s": 1.0}
-    figs.append(plots.plot_profile({"runs": [run], "new_tokens": 4, "dtype": "float32"}, "CPU"))
-    figs.append(plots.plot_prefill_memory([{"mode": "vl2lab (x)", "prefill": "chunked", "chunk": 8,
-                                            "measured_bytes": 1e6, "predicted_bytes": 2e6}], "t"))
-    for f in figs:
-        plt.close(f)
+    tiles = b["images"][0]
+    fig = plots.draw_tiles(im, tiles, lay["tiles"], lay)
+    titles = [a.get_title() for a in fig.axes]
+    assert len(fig.axes) == 2 + tw * th + 1 and titles[2:-1] == [f"tile {i}" for i in range(tw * th)], titles
+    assert titles[0] == f"original {im.width}×{im.height}" and titles[-1] == f"{lay['tokens']} image tokens"
+    assert f"{tw}×{th} tiles" in fig.get_suptitle() and f"{lay['vit_passes']} ViT passes" in fig.get_suptitle()
+    for i, ax in enumerate(fig.axes[1:-1]):                       # the global view, then the local tiles in order
+        want = ((tiles[i].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), want, atol=1e-6)
+    grid = np.asarray(fig.axes[-1].images[0].get_array()).reshape(-1, 3)        # one square per image token
+    colours, count = np.unique(grid, axis=0, return_counts=True)
+    kinds = sorted(int(n) for c, n in zip(colours, count) if not np.allclose(c, 1.0))   # white: no token there
+    assert kinds == sorted([lay["global_cells"] + lay["local_cells"], lay["global_newlines"] + lay["local_newlines"],
+                            1]), kinds                                    # cells, newlines, the one separator
+    plt.close(fig)
+
+    fig = plots.draw_answers([{"image": im, "question": "q", "answer": "a", "truth": "a", "ok": True,
+                               "boxes": [[1, 1, 20, 20]], "truth_boxes": [[2, 2, 30, 30]], "iou": 0.5},
+                              {"image": im, "question": "colour?", "answer": "red", "truth": "blue", "ok": False}])
+    assert len(fig.axes) == 4 and fig.axes[0].get_title() == "q\n→ box, IoU 0.50 ✓"
+    assert fig.axes[1].get_title() == "colour?\n→ 'red' ✗" and not fig.axes[2].images
+    boxes = sorted((r.get_x(), r.get_y(), r.get_width(), r.get_height(), r.get_linestyle())
+                   for r in fig.axes[0].patches if isinstance(r, Rectangle))
+    assert boxes == [(1, 1, 19, 19, "-"), (2, 2, 28, 28, "--")], boxes
+    plt.close(fig)
+
+    medians = {"preprocess": 0.1, "vision": 0.2, "projector": 0.3, "prefill": 0.4}
+    runs = [{"batch": bs, "times": {k: {"median": v * bs} for k, v in medians.items()}, "decode_s_per_token": 0.01 * bs,
+             "tokens_per_s": 10.0 * bs, "images_per_s": 1.5 * bs} for bs in (1, 2)]
+    fig = plots.plot_profile({"runs": runs, "new_tokens": 4, "dtype": "float32"}, "CPU (2 cores)")
+    a1, a2, a3 = fig.axes
+    assert "CPU (2 cores)" in fig.get_suptitle() and "float32" in fig.get_suptitle()
+    names = [c.get_label() for c in a1.containers]
+    assert names == ["preprocess", "vision", "projector", "LM prefill", "decode (3 steps)"], names
+    want = [[v * bs * 1e3 for bs in (1, 2)] for v in (*medians.values(), 0.03)]          # ms; decode = 3 steps
+    np.testing.assert_allclose([[r.get_height() for r in c] for c in a1.containers], want)
+    np.testing.assert_allclose([[r.get_y() for r in c] for c in a1.containers],          # stacked, in this order
+                               np.cumsum([[0.0, 0.0]] + want[:-1], axis=0))
+    assert list(a2.lines[0].get_ydata()) == [10.0, 20.0] and list(a3.lines[0].get_ydata()) == [1.5, 3.0]
+    plt.close(fig)
+
+    rows = [{"mode": "vl2lab (x)", "prefill": "chunked", "chunk": 8, "measured_bytes": 1e6, "predicted_bytes": 2e6},
+            {"mode": "eager (y)", "prefill": "one-shot", "chunk": 8, "measured_bytes": None, "predicted_bytes": 5e6}]
+    fig = plots.plot_prefill_memory(rows, "prefill of t")
+    ax, = fig.axes
+    assert ax.get_title() == "prefill of t" and [t.get_text() for t in ax.get_xticklabels()] == [
+        "vl2lab\nchunked 8", "eager\none-shot"]
+    np.testing.assert_allclose([[r.get_height() for r in c] for c in ax.containers], [[1.0, 0.0], [2.0, 5.0]])  # MB
+    plt.close(fig)

@@ -2,7 +2,9 @@
 clear error per kind of bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -15,8 +17,13 @@ from safetensors.torch import save_file
 from vl2lab.model import build_model
 from vl2lab.model.config import ConfigError, get_config
 from vl2lab.weights.keys import official_shapes, official_sources, official_to_module
-from vl2lab.weights.pretrained import CheckpointError, load_pretrained, make_random_snapshot, save_pretrained
+from vl2lab.weights.pretrained import (CheckpointError, SnapshotWarning, load_pretrained, make_random_snapshot,
+                                      save_pretrained)
 from vl2lab.weights.reader import SnapshotReader, module_tensor_from_official
+
+# Weights-only folders (no tokenizer.json) load with a SnapshotWarning; these tests mean them (test_bad_snapshots.py
+# checks the warning itself).
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.json:vl2lab.weights.keys.SnapshotWarning")
 
 
 def _all_tensors(path):
@@ -267,3 +274,66 @@ def test_make_random_snapshot_sharded(tmp_path):
     assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     model, processor = load_pretrained(path)
     assert processor is not None and model.config.language_config.topk_method == "noaux_tc"
+
+
+# ----------------------------------------------------------------------------------------- official layout, by hand
+def _official_value(key, shape):
+    """Values that encode the official key: a hash of the name (< 2^23) plus arange, exact in float32."""
+    base = int(hashlib.sha256(key.encode()).hexdigest(), 16) % (1 << 23)
+    n = math.prod(shape)
+    return (torch.arange(n, dtype=torch.float64) % (1 << 20) + base).reshape(shape).to(torch.float32)
+
+
+def test_hand_written_official_checkpoint_lands_in_the_right_modules(tmp_path):
+    """A file written with the official names (not through save_pretrained, so not through vl2lab's own mapping):
+    each module tensor must hold exactly the official tensor written out here by hand. Round trips cannot catch a
+    mapping that is wrong both ways (e.g. the experts' gate_proj and up_proj swapped); this test does."""
+    cfg = get_config("random-tiny")
+    shapes = official_shapes(build_model(cfg, device="meta"))         # only the list of official keys and shapes
+    official = {k: _official_value(k, s) for k, s in shapes.items()}
+    official["vision.attn_pool.latent"] = torch.ones(1, 1, cfg.vision_config.width)   # in the real files, unused
+    save_file(official, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with pytest.warns(SnapshotWarning, match="no tokenizer.json"):
+        model, _ = load_pretrained(str(tmp_path))
+    W = cfg.vision_config.width
+    vis, lm = model.vision, model.language.model
+    qkv_w, qkv_b = official["vision.blocks.1.attn.qkv.weight"], official["vision.blocks.1.attn.qkv.bias"]
+    expect = [  # (module tensor, the official tensor it must be), written out by hand
+        (lm.layers[1].mlp.experts.gate_proj[3], official["language.model.layers.1.mlp.experts.3.gate_proj.weight"]),
+        (lm.layers[1].mlp.experts.up_proj[3], official["language.model.layers.1.mlp.experts.3.up_proj.weight"]),
+        (lm.layers[2].mlp.experts.down_proj[15], official["language.model.layers.2.mlp.experts.15.down_proj.weight"]),
+        (lm.layers[2].mlp.experts.gate_proj[0], official["language.model.layers.2.mlp.experts.0.gate_proj.weight"]),
+        (lm.layers[1].mlp.gate.weight, official["language.model.layers.1.mlp.gate.weight"]),
+        (lm.layers[1].mlp.shared_experts.up_proj.weight,
+         official["language.model.layers.1.mlp.shared_experts.up_proj.weight"]),
+        (lm.layers[0].mlp.gate_proj.weight, official["language.model.layers.0.mlp.gate_proj.weight"]),
+        (lm.layers[0].mlp.up_proj.weight, official["language.model.layers.0.mlp.up_proj.weight"]),
+        (lm.layers[2].self_attn.k_proj.weight, official["language.model.layers.2.self_attn.k_proj.weight"]),
+        (lm.layers[2].self_attn.o_proj.weight, official["language.model.layers.2.self_attn.o_proj.weight"]),
+        (lm.layers[1].input_layernorm.weight, official["language.model.layers.1.input_layernorm.weight"]),
+        (lm.embed_tokens.weight, official["language.model.embed_tokens.weight"]),
+        (lm.norm.weight, official["language.model.norm.weight"]),
+        (model.language.lm_head.weight, official["language.lm_head.weight"]),
+        (vis.encoder.layers[1].self_attn.q_proj.weight, qkv_w[:W]),
+        (vis.encoder.layers[1].self_attn.k_proj.weight, qkv_w[W:2 * W]),
+        (vis.encoder.layers[1].self_attn.v_proj.weight, qkv_w[2 * W:]),
+        (vis.encoder.layers[1].self_attn.q_proj.bias, qkv_b[:W]),
+        (vis.encoder.layers[1].self_attn.v_proj.bias, qkv_b[2 * W:]),
+        (vis.encoder.layers[0].self_attn.out_proj.weight, official["vision.blocks.0.attn.proj.weight"]),
+        (vis.encoder.layers[0].layer_norm1.weight, official["vision.blocks.0.norm1.weight"]),
+        (vis.encoder.layers[0].layer_norm2.bias, official["vision.blocks.0.norm2.bias"]),
+        (vis.encoder.layers[1].mlp.fc1.weight, official["vision.blocks.1.mlp.fc1.weight"]),
+        (vis.encoder.layers[1].mlp.fc2.bias, official["vision.blocks.1.mlp.fc2.bias"]),
+        (vis.embeddings.position_embedding.weight, official["vision.pos_embed"][0]),
+        (vis.embeddings.patch_embedding.weight, official["vision.patch_embed.proj.weight"]),
+        (vis.embeddings.patch_embedding.bias, official["vision.patch_embed.proj.bias"]),
+        (vis.post_layernorm.weight, official["vision.norm.weight"]),
+        (vis.post_layernorm.bias, official["vision.norm.bias"]),
+        (model.projector.layers[0].weight, official["projector.layers.0.weight"]),
+        (model.projector.layers[2].bias, official["projector.layers.2.bias"]),
+        (model.image_newline, official["image_newline"]),
+        (model.view_seperator, official["view_seperator"]),
+    ]
+    wrong = [i for i, (got, want) in enumerate(expect) if got.shape != want.shape or not torch.equal(got, want)]
+    assert not wrong, f"module tensors #{wrong} do not hold their official tensor"

@@ -37,6 +37,28 @@ def test_static_step_equals_eager_loop(lm):
     assert torch.equal(dec.generate(emb, mask, 5), ref[:, :5])   # the same decoder serves a shorter run
 
 
+@pytest.mark.parametrize("max_len", [32, 128])              # exactly full (20 + 12), and roomier than needed
+def test_each_step_writes_the_next_cache_slot(lm, max_len):
+    """After the prefill of T slots and k decode steps the decoder's cache position is T + k, the RoPE position
+    the real tokens + k, and the slots written are exactly T..T+k−1 (each step advances by one slot: a step of two
+    still gives the eager tokens, with gaps in the cache, until it runs off the end of the buffer)."""
+    emb, mask = _prompt(lm)
+    T, n = emb.shape[1], 12
+    ref = generate(lm, emb, mask, n, ignore_eos=True)
+    dec = GraphDecoder(lm, 3, max_len, "cpu", ignore_eos=True)
+    for k in (n, 4):                                           # the second run starts from the first one's state
+        assert torch.equal(dec.generate(emb, mask, k), ref[:, :k])
+        steps = k - 1                                          # the first token comes from the prefill
+        assert int(dec.index) == T + steps and int(dec.step_i) == k
+        assert torch.equal(dec.positions[:, 0], mask.sum(-1) + steps)
+        assert torch.equal(dec.key_ok[:, :T], mask.bool())
+        assert dec.key_ok[:, T:T + steps].all() and not dec.key_ok[:, T + steps:].any()
+    for bufs in dec.kv.buffers:                                 # the slots past the last step were never written
+        for b in bufs:
+            assert b.shape[-2] == max_len and not b[..., T + n - 1:, :].any()
+            assert b[..., T:T + n - 1, :].abs().sum(-1).gt(0).all()
+
+
 def test_eos_pads_like_the_eager_loop(lm):
     emb, mask = _prompt(lm)
     eos = int(generate(lm, emb, mask, 4, ignore_eos=True)[0, 2])
@@ -81,7 +103,32 @@ def test_ladder_runs_and_reports_on_cpu(tmp_path):
     assert len(res["profiles"]) == 2 and res["profiles"][0]["rows"]
     merged = ladder_report.load(str(tmp_path), "random-tiny")
     rows = ladder_report.rows(merged)
-    assert rows[0]["decode_speedup"] == 1.0 and json.loads(out.read_text())["floor"]["1"]["e2e_s"] > 0
+    assert [r["rung"][0] for r in rows] == ["1", "5"] and json.loads(out.read_text())["floor"]["1"]["e2e_s"] > 0
+    r1, r5 = rows                                               # rung 5's speed-ups are against rung 1's times
+    assert r5["decode_speedup"] == pytest.approx(r1["decode_ms_per_step"] / r5["decode_ms_per_step"])
+    assert r5["images_speedup"] == pytest.approx(r5["images_per_s"] / r1["images_per_s"])
+    assert r5["decode_ms_per_step"] == res["runs"][1]["decode_ms_per_step"]
+
+
+def test_report_speedups_are_against_rung_1_at_the_same_batch():
+    """Decode speed-up = rung 1's ms per step / this rung's, images speed-up = this rung's images/s / rung 1's, both
+    at the row's batch size (nan where that batch has no rung-1 run); the floor of the row's batch beside it."""
+    def run(decode_ms, images):
+        return {"prefill_s": {"median": 0.01}, "decode_ms_per_step": decode_ms, "images_per_s": images,
+                "tiles_per_s": 5 * images}
+
+    first, graph = rungs.RUNGS[0].name, rungs.RUNGS[4].name
+    merged = {"runs": {(first, 1): run(10.0, 2.0), (graph, 1): run(2.5, 5.0), (first, 4): run(20.0, 4.0),
+                       (graph, 4): run(4.0, 16.0), (graph, 8): run(5.0, 20.0)},
+              "floor": {"1": {"decode_s_per_step": 1e-3, "images_per_s": 100.0}}}
+    got = {(r["rung"], r["batch"]): r for r in ladder_report.rows(merged)}
+    assert list(got) == [(first, 1), (graph, 1), (first, 4), (graph, 4), (graph, 8)]
+    assert got[(first, 1)]["decode_speedup"] == got[(first, 4)]["images_speedup"] == 1.0
+    assert got[(graph, 1)]["decode_speedup"] == 4.0 and got[(graph, 1)]["images_speedup"] == 2.5
+    assert got[(graph, 4)]["decode_speedup"] == 5.0 and got[(graph, 4)]["images_speedup"] == 4.0   # not batch 1's
+    assert got[(graph, 8)]["decode_speedup"] != got[(graph, 8)]["decode_speedup"]                   # nan: no rung 1
+    assert got[(graph, 1)]["floor_decode_ms"] == 1.0 and got[(graph, 1)]["floor_images_per_s"] == 100.0
+    assert got[(graph, 4)]["floor_decode_ms"] != got[(graph, 4)]["floor_decode_ms"]                 # no floor: nan
 
 
 def test_rungs_put_the_model_in_their_state():

@@ -21,6 +21,8 @@ from vl2lab.model.generation import generate, sample_next, top_p_filter  # noqa:
 from vl2lab.model.language import DeepseekLanguageModel  # noqa: E402
 from vl2lab.model.moe import MoE, Experts, Router  # noqa: E402
 from vl2lab.perf.peer import build_reference, reference_logits  # noqa: E402
+from vl2lab.train.scenes import make_example  # noqa: E402
+from vl2lab.weights.pretrained import load_pretrained  # noqa: E402
 
 PRESETS = ["random-tiny", "random-small", "random-base"]
 FP32_ATOL = 2e-5      # logits are O(1); observed differences are ~3e-7
@@ -413,3 +415,34 @@ def test_sampling_is_seeded_and_top_p_tiny_is_argmax():
     runs = [generate(lm, lm.embed(ids), mask, 5, do_sample=True, temperature=0.7, top_p=0.9,
                      generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_vl2_greedy_generate_equals_an_argmax_loop():
+    """VL2 ``generate`` (images spliced in, a left-padded batch of two prompts, KV cache) gives the tokens of an
+    explicit loop: argmax of the last position of a fresh forward over the whole sequence so far, no cache. With
+    EOS honoured: the same tokens up to each row's first EOS, pad after it. The shipped vl2-micro (trained, so its
+    tokens follow the picture and the prompt: a random model repeats one token whatever it is shown)."""
+    model, processor = load_pretrained("vl2-micro")
+    batch = processor(conversations=[make_example(7, "count").conversation(),
+                                     make_example(3, "ground").conversation()])
+    assert batch["attention_mask"][1].eq(0).sum() > 50                 # the shorter prompt is left-padded
+    n, eos, pad = 8, model.config.language_config.eos_token_id, processor.pad_id
+    got = model.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True)
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(batch["input_ids"], batch["images"], batch["images_seq_mask"],
+                                             batch["images_spatial_crop"])
+        mask, want = batch["attention_mask"].long(), []
+        for _ in range(n):
+            logits, _ = model.language(inputs_embeds=embeds, attention_mask=mask)
+            nxt = logits[:, -1].argmax(-1)
+            want.append(nxt)
+            embeds = torch.cat([embeds, model.language.embed(nxt[:, None])], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    want = torch.stack(want, 1)
+    assert got.shape == (2, n) and got.dtype == torch.long and torch.equal(got, want), (got, want)
+    assert len(set(want[1].tolist())) > 4                               # an answer, not one token repeated
+    stopped = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=pad)
+    assert eos in want[0].tolist()                                     # "3", EOS: the pad path is exercised
+    for row, ref in zip(stopped.tolist(), want.tolist()):
+        cut = ref.index(eos) + 1 if eos in ref else n
+        assert row == ref[:cut] + [pad] * (n - cut), (row, ref)

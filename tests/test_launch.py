@@ -1,13 +1,18 @@
-"""vl2lab.launch: values by rank, one clear error per failure, and no process left behind.
+"""vl2lab.launch: values by rank, one clear error per failure, no process left behind, and safe by default
+(loopback-only sockets, plain data only between the launcher and the ranks, private run folders removed after
+a success and kept after a failure).
 
-Each torchrun launch costs seconds of imports on a small CI machine, so this file keeps to ten
+Each torchrun launch costs seconds of imports on a small CI machine, so this file keeps to thirteen
 launches (gloo, world sizes 1 and 2). Every test that launches checks with psutil that no recorded
 process (torchrun agent, every rank) is still alive afterwards.
 """
 
+import importlib
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -29,7 +34,8 @@ import launch_targets as T  # noqa: E402
 from vl2lab.launch import launcher as launch  # noqa: E402
 from vl2lab.launch.__main__ import main, parser  # noqa: E402
 from vl2lab.launch.processes import survivors  # noqa: E402
-from vl2lab.launch.results import RankFailedError, RankTimeoutError  # noqa: E402
+from vl2lab.launch.results import RankFailedError, RankTimeoutError, collect_records  # noqa: E402
+from vl2lab.launch.worker import read_kwargs  # noqa: E402
 
 LONG = 240.0  # launch timeout for tests that should succeed (a loaded 2-core machine is slow)
 
@@ -65,6 +71,24 @@ def _assert_all_gone(run_dir, n_ranks, within=15.0):
     assert survivors(str(run_dir)) == []
 
 
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _assert_pids_gone(res, within=15.0):
+    """The ranks of a launch whose run dir was removed (so only ``res`` knows them) are gone, and its agent."""
+    ranks = [(r.pid, r.start_time) for r in res.ranks]
+    deadline = time.monotonic() + within
+    while any(_alive(*p) for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in ranks if _alive(*p)], "ranks of the launch survived"
+    try:
+        agent = psutil.Process(res.agent_pid)
+        assert agent.status() == psutil.STATUS_ZOMBIE or agent.create_time() > ranks[0][1], "the agent survived"
+    except psutil.NoSuchProcess:
+        pass
+
+
 def _wait_for_ranks(run_dir, n, within=180.0):
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -79,10 +103,10 @@ def test_two_ranks_give_values_by_rank(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path))
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # must reach the ranks untouched
     names = ("OMP_NUM_THREADS", "TMPDIR", "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE",
-             "PYTHONUNBUFFERED", "NCCL_NVLS_ENABLE")
+             "PYTHONUNBUFFERED", "NCCL_NVLS_ENABLE", "NCCL_SOCKET_IFNAME", "MASTER_ADDR")
     res = launch.run(T.rank_info, world_size=2, backend="auto", timeout=LONG, stream=True,
-                     progress_after=0, scale=2.0, tensor=torch.arange(3.0), array=np.arange(4),
-                     env_names=names)
+                     progress_after=0, keep_run_dir=True, scale=2.0, tensor=torch.arange(3.0),
+                     array=np.arange(4), env_names=names)
     assert len(res) == 2 and res.world_size == 2 and res.backend == "gloo"
     assert str(res) == ("RankResults: world_size=2, backend=gloo\n"
                         "rank  status  backend  device\n"
@@ -99,8 +123,8 @@ def test_two_ranks_give_values_by_rank(tmp_path, monkeypatch, capsys):
         assert env["OMP_NUM_THREADS"] == str(max(1, cpus // 2))
         assert env["TMPDIR"].startswith(res.run_dir)
         assert str(TESTS) in env["PYTHONPATH"].split(os.pathsep)
-        assert (env["GLOO_SOCKET_IFNAME"], env["HF_HUB_OFFLINE"], env["PYTHONUNBUFFERED"],
-                env["NCCL_NVLS_ENABLE"]) == ("lo", "1", "1", "0")
+        assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"], env["MASTER_ADDR"], env["HF_HUB_OFFLINE"],
+                env["PYTHONUNBUFFERED"], env["NCCL_NVLS_ENABLE"]) == ("lo", "lo", "127.0.0.1", "1", "1", "0")
         assert v["transformers_imported"] is False
         rec = res.ranks[r]
         assert rec.status == "ok" and rec.peak_cuda_bytes is None and rec.peak_rss_bytes > 0
@@ -108,7 +132,8 @@ def test_two_ranks_give_values_by_rank(tmp_path, monkeypatch, capsys):
         assert status["status"] == "ok" and status["duration_s"] >= 0
         assert Path(res.run_dir, f"rank{r}.result.pt").exists()
         assert "hello from rank_info" in Path(rec.log_path).read_text()
-    assert len(set(res.pids)) == 2 and Path(res.run_dir).parent == tmp_path
+    assert len(set(res.pids)) == 2 and Path(res.run_dir).parent == tmp_path  # keep_run_dir=True: kept
+    assert _mode(res.run_dir) == _mode(tmp_path) == 0o700  # private: run folders and their root
     assert "duration_s" in res.timings() and "peak_rss_MiB" in res.timings()
     out, err = capsys.readouterr()
     assert "[rank 0] hello from rank_info" in out and "[rank 1]" not in out  # stream: rank 0 only
@@ -135,8 +160,9 @@ def test_print_command_for_several_nodes(capsys):
                  "--max-restarts 0", "-m vl2lab.launch.worker", "--target launch_targets:noop"):
         assert part in out
     assert "--standalone" not in out
-    single = launch.torchrun_command("m:f", 2, "/tmp/x")
-    assert "--standalone" in single and "--rdzv-id" not in single
+    single = " ".join(launch.torchrun_command("m:f", 2, "/tmp/x"))
+    assert "-m vl2lab.launch.agent --nnodes 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0" in single
+    assert "--local-addr 127.0.0.1" in single and "--standalone" not in single
     a = launch.torchrun_command("m:f", 4, "/d", nnodes=2, node_rank=0, rdzv_endpoint="h:1")
     b = launch.torchrun_command("m:f", 4, "/d", nnodes=2, node_rank=1, rdzv_endpoint="h:1")
     assert a[a.index("--rdzv-id") + 1] == b[b.index("--rdzv-id") + 1]  # nodes meet in one rendezvous
@@ -168,7 +194,9 @@ def test_python_dash_m_vl2lab_launch(tmp_path):
     cmd = subprocess.run([sys.executable, "-m", "vl2lab.launch", "vl2lab.lessons.smoke:hello", "-n", "2",
                           "--print-command"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
                          timeout=120)
-    assert cmd.returncode == 0 and "--standalone" in cmd.stdout and "--nproc-per-node 2" in cmd.stdout
+    assert cmd.returncode == 0 and "--nproc-per-node 2" in cmd.stdout
+    assert "-m vl2lab.launch.agent" in cmd.stdout and "--rdzv-endpoint 127.0.0.1:0" in cmd.stdout
+    assert "GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo" in cmd.stdout and "--standalone" not in cmd.stdout
     assert "--target vl2lab.lessons.smoke:hello" in cmd.stdout
 
 
@@ -182,8 +210,12 @@ def test_functions_ranks_cannot_import_are_refused_before_launch(tmp_path):
         launch.run(main_fn, run_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="nested function"):
         launch.run(local, run_dir=tmp_path / "b")
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(ValueError, match="module:function") as info:
         launch.run("launch_targets.noop")
+    example = re.search(r"e\.g\. '([^']+)'", str(info.value)).group(1)  # the example names a real function
+    assert launch.target_name(example) == example
+    module, _, name = example.partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
     with pytest.raises(ValueError, match="cannot be imported"):
         launch.run("no_such_module_anywhere:f")
     with pytest.raises(ValueError, match="backend"):
@@ -191,12 +223,131 @@ def test_functions_ranks_cannot_import_are_refused_before_launch(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was launched
 
 
-# ------------------------------------------------------------------------------------------- faults
-def test_a_raising_rank_is_named_first(tmp_path):
+# ------------------------------------------------------------------------------------- safe by default
+def _listening(pids) -> set:
+    """(pid, ip, port) of every TCP socket the processes listen on."""
+    out = set()
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out |= {(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return out
+
+
+def test_a_single_node_launch_listens_on_loopback_only(tmp_path, monkeypatch):
+    """While a 2-rank launch runs, every socket its processes (the torchrun agent and the ranks) listen on is on
+    127.0.0.1 / ::1: torchrun's stores are read with pickle, so nobody on the network may reach them. After the
+    success its run folder is gone (no keep_run_dir, no run_dir=)."""
+    monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path))
+    seen, done, agents = set(), threading.Event(), set()
+
+    def watch():
+        while not done.is_set():
+            for f in tmp_path.glob("*/launch.json"):
+                try:
+                    agents.add(json.loads(f.read_text())["agent_pid"])
+                except (OSError, ValueError):
+                    continue
+            tree = set(agents)
+            for pid in agents:
+                try:
+                    tree |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+                except psutil.NoSuchProcess:
+                    pass
+            seen.update(_listening(tree))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        res = launch.run(T.sleep_then_rank, world_size=2, backend="gloo", timeout=LONG, seconds=3.0)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert res.values == [0, 1]
+    assert {pid for pid, _, _ in seen} >= {res.agent_pid, *res.pids}, f"not every process was seen listening: {seen}"
+    exposed = sorted((pid, ip, port) for pid, ip, port in seen if ip not in ("127.0.0.1", "::1"))
+    assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"
+    assert res.run_dir is None and not any(tmp_path.iterdir())  # success: the run folder was removed
+    assert "run dir removed after the launch succeeded (keep_run_dir=True keeps it)" in res.timings()
+    _assert_pids_gone(res)
+
+
+def test_unsendable_keyword_arguments_are_refused_before_anything_exists(tmp_path, monkeypatch, capsys):
+    """A keyword argument that could not travel as plain data: one ValueError naming it, and neither a run
+    folder nor a process exists."""
+    monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path / "runs"))
+    tail = "cannot be sent to the ranks: pass plain data — numbers, strings, lists, dicts, tensors — or a module:function name"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with open(tmp_path / "f.txt", "w") as fh:
+        cases = {"x": (lambda: 1, "a function"), "log": (fh, "an open file"), "cwd": (os.getcwd, "a function"),
+                 "cfg": ({"a": 1, "f": [2, print]}, "a dict holding a function at ['f'][1]"),
+                 "path": (Path("/x"), f"a {type(Path('/x')).__module__}.{type(Path('/x')).__qualname__}"),
+                 "planted": (T.Planted(str(tmp_path / "ran")), "a launch_targets.Planted")}
+        for name, (value, what) in cases.items():
+            with pytest.raises(ValueError) as info:
+                launch.run(T.noop, world_size=2, backend="gloo", ok=[1, 2.0, "s", None, torch.zeros(2)],
+                           **{name: value})
+            assert str(info.value) == f"keyword argument {name!r} ({what}) {tail}"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "ran").exists()
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before
+    # the command line: errors are one line, no traceback (an unwritable run dir included)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["launch_targets:noop", "--run-dir", str(blocked / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m vl2lab.launch: error: NotADirectoryError: ") and err.count("\n") == 1, err
+
+
+def test_files_that_would_run_code_are_never_unpickled(tmp_path):
+    """A result file (and a kwargs file) crafted to run code when unpickled, in a run folder: the launcher's reader
+    refuses it with one clear error and the planted code never runs."""
+    marker = tmp_path / "ran.txt"
+    run_dir = tmp_path / "copied-run"
+    run_dir.mkdir()
+    (run_dir / "rank0.status.json").write_text(json.dumps({"status": "ok", "pid": 1}))
+    torch.save({"loss": [1.0, T.Planted(str(marker))]}, run_dir / "rank0.result.pt")
+    (rec,) = collect_records(str(run_dir), 1, multi=False, timed_out=False)
+    assert not marker.exists(), "reading the result file ran the code planted in it"
+    assert rec.status == "error" and rec.value is None
+    assert rec.message == (f"rank 0's result file {run_dir}/rank0.result.pt was not loaded: it refers to "
+                           "builtins.exec, which is not plain data; nothing in it was run"), rec.message
+    assert "weights_only" not in rec.message  # no advice to load it the unsafe way
+    torch.save({"n": T.Planted(str(marker))}, run_dir / "kwargs.pt")
+    with pytest.raises(ValueError, match=r"kwargs.pt were not loaded: it refers to builtins.exec, which is not"):
+        read_kwargs(str(run_dir / "kwargs.pt"))
+    assert not marker.exists()
+    plain = {"a": torch.arange(3), "b": np.arange(2), "c": {1, 2}, "d": (np.float64(0.5), None, "s")}
+    torch.save(plain, run_dir / "kwargs.pt")
+    back = read_kwargs(str(run_dir / "kwargs.pt"))
+    assert back["c"] == {1, 2} and back["d"] == (0.5, None, "s") and torch.equal(back["a"], torch.arange(3))
+
+
+def test_a_return_value_that_is_not_plain_data_fails_its_rank(tmp_path):
+    marker = tmp_path / "ran.txt"
     with pytest.raises(RankFailedError) as info:
-        launch.run(T.fail_on, world_size=2, backend="gloo", timeout=LONG, run_dir=tmp_path / "r")
+        launch.run(T.return_planted, world_size=1, backend="gloo", timeout=LONG, run_dir=tmp_path / "p",
+                   marker=str(marker))
+    assert not marker.exists(), "the planted code ran"
+    assert str(info.value).startswith(
+        "rank 0 of 1 failed first: TypeError: the return value of launch_targets:return_planted cannot be sent back "
+        "to the launcher: value['x'][1] is a launch_targets.Planted, which the launcher does not unpickle"), info.value
+    _assert_all_gone(info.value.run_dir, 1)
+
+
+# ------------------------------------------------------------------------------------------- faults
+def test_a_raising_rank_is_named_first(tmp_path, monkeypatch):
+    """... and a failed launch keeps its (private) run folder, which the error names: its logs are the evidence."""
+    monkeypatch.setenv("VL2LAB_RUNS_DIR", str(tmp_path))
+    with pytest.raises(RankFailedError) as info:
+        launch.run(T.fail_on, world_size=2, backend="gloo", timeout=LONG)
     e = info.value
     msg = str(e)
+    assert Path(e.run_dir).parent == tmp_path and _mode(e.run_dir) == 0o700
+    assert msg.endswith(f"logs and status files in {e.run_dir}") and Path(e.run_dir, "rank1.log").exists()
     assert isinstance(e, RuntimeError) and not isinstance(e, RankTimeoutError)
     assert e.first_rank == 1 and msg.startswith("rank 1 of 2 failed first: ValueError: boom in rank 1")
     assert "Traceback" in msg and "launch_targets.py" in msg and "about to fail" in msg
@@ -295,9 +446,15 @@ def test_torchrun_cell_magic_pushes_and_pulls(tmp_path, monkeypatch, capsys):
     assert [t.item() for t in ns["a"]] == [10.0, 11.0]
     assert ns["b"] == [(2, "cpu", 0), (2, "cpu", 1)]
     assert "rank  status  backend  device\n0     ok      gloo     cpu\n1     ok" in capsys.readouterr().out
-    _assert_all_gone(ns["res"].run_dir, 2)
+    assert ns["res"].run_dir is None and not any((tmp_path / "runs").iterdir())  # success: folder removed
+    _assert_pids_gone(ns["res"])
     with pytest.raises(UsageError, match="not defined"):
         shell.run_cell_magic("torchrun", "-n 2 --push nope", "pass")
+    shell.user_ns["f"] = lambda: 1
+    with pytest.raises(UsageError) as info:  # refused before anything starts, naming the variable
+        shell.run_cell_magic("torchrun", "-n 2 --push f", "pass")
+    assert str(info.value).startswith("--push variable 'f' (a function) cannot be sent to the ranks: pass plain")
+    assert not any((tmp_path / "runs").iterdir())
 
 
 def test_ranks_that_reported_but_cannot_exit_keep_their_results(tmp_path, monkeypatch, capsys):

@@ -1,14 +1,25 @@
-"""Tensor-parallel layers against dense ones (notebook 02): split arithmetic, then 1, 2 and 4 gloo ranks."""
+"""Tensor-parallel layers against dense ones (notebook 02): split arithmetic, then 1, 2 and 4 gloo ranks; the
+collectives' benchmark and bandwidth formulas."""
+import sys
+import time
+import types
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vl2lab.lessons.tp_layers import shard_table
 from vl2lab.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from vl2lab.parallel.ops import shard_range, shard_tensor, split_sizes
+from vl2lab.perf import collectives
 from vl2lab.perf.collectives import bus_factor, comm_bytes_per_token
 
 LAUNCH_TIMEOUT = 180
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:                  # the ranks import this file's rank function (the launcher passes sys.path)
+    sys.path.insert(0, TESTS)
 
 
 # ---------------------------------------------------------------------------------- split arithmetic
@@ -123,12 +134,51 @@ def test_article_examples_on_2_ranks():
         assert row["w_bytes_per_rank_row_parallel"] * 2 == row["w_bytes_total"]
 
 
-def test_bench_collectives_returns_positive_numbers():
+UNIT_S = (1e-3, 4e-3)                    # the fake clock's time unit at each message size
+SHAPE = (4, 1, 2, 3, 5)                  # the measured repeats, in units (median 3, p10 1.4, p90 4.6)
+WARMUP_S = 100.0                         # each warm-up "takes" this long: it must not count
+
+
+def bench_on_a_known_clock(sizes_bytes, repeats, warmup):
+    """Rank function: :func:`bench_collectives` as is, then again on a virtual clock that only the collectives
+    move: the k-th collective (for real, then) takes the k-th of: per op, per size i, ``warmup`` × WARMUP_S, then
+    SHAPE × UNIT_S[i]."""
+    real = collectives.bench_collectives(sizes_bytes=sizes_bytes, repeats=repeats, warmup=warmup)
+    durations = [d for _op in ("all_reduce", "all_gather") for u in UNIT_S
+                 for d in [WARMUP_S] * warmup + [k * u for k in SHAPE]]          # in the bench's loop order
+    clock = {"now": 0.0, "k": 0}
+
+    def slow(op):
+        def run(*a, **kw):
+            op(*a, **kw)
+            clock["now"] += durations[clock["k"]]
+            clock["k"] += 1
+        return run
+
+    class Dist:                            # torch.distributed, with collectives that take known times
+        all_reduce, all_gather = staticmethod(slow(dist.all_reduce)), staticmethod(slow(dist.all_gather))
+        all_gather_into_tensor = staticmethod(slow(dist.all_gather_into_tensor))
+
+        def __getattr__(self, name):
+            return getattr(dist, name)
+
+    collectives.time, collectives.dist = types.SimpleNamespace(perf_counter=lambda: clock["now"]), Dist()
+    try:
+        fake = collectives.bench_collectives(sizes_bytes=sizes_bytes, repeats=len(SHAPE), warmup=warmup)
+    finally:
+        collectives.time, collectives.dist = time, dist
+    return {"real": real, "fake": fake, "collectives_run": clock["k"], "scheduled": len(durations)}
+
+
+def test_bench_collectives_times_and_bandwidths():
+    """Real gloo collectives give positive, ordered numbers; on a known clock the medians and quantiles are those
+    of the measured repeats (warm-ups left out), algbw = S / median and busbw = algbw × 2(n−1)/n (all-reduce) or
+    (n−1)/n (all-gather), S the bytes really moved (1030 B rounds down to 256 float32 = 1024 B)."""
     from vl2lab.launch.launcher import run
 
-    res = run("vl2lab.perf.collectives:bench_collectives", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT,
-              sizes_bytes=(1024, 65536), repeats=3, warmup=1)
-    out = res[0]
+    res = run("test_parallel:bench_on_a_known_clock", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT,
+              sizes_bytes=(1030, 65536), repeats=3, warmup=1)
+    out = res[0]["real"]
     assert out["world_size"] == 2 and out["backend"] == "gloo"
     for op in ("all_reduce", "all_gather"):
         rows = out["ops"][op]
@@ -136,3 +186,25 @@ def test_bench_collectives_returns_positive_numbers():
         for key in ("median_s", "p10", "p90", "algbw", "busbw"):
             assert all(v > 0 for v in rows[key]), (op, key, rows[key])
         assert all(a <= m <= b for a, m, b in zip(rows["p10"], rows["median_s"], rows["p90"]))
+        assert rows["algbw"] == pytest.approx([s / t / 1e9 for s, t in zip(rows["sizes"], rows["median_s"])])
+    fake = res[0]["fake"]
+    assert res[0]["collectives_run"] == res[0]["scheduled"] == 2 * 2 * (1 + len(SHAPE))
+    for op, factor in (("all_reduce", 2 * 1 / 2), ("all_gather", 1 / 2)):
+        rows = fake["ops"][op]
+        assert rows["sizes"] == [1024, 65536]
+        assert rows["median_s"] == pytest.approx([3 * u for u in UNIT_S], rel=1e-9)
+        assert rows["p10"] == pytest.approx([1.4 * u for u in UNIT_S], rel=1e-9)
+        assert rows["p90"] == pytest.approx([4.6 * u for u in UNIT_S], rel=1e-9)
+        algbw = [s / (3 * u) / 1e9 for s, u in zip((1024, 65536), UNIT_S)]     # GB/s
+        assert rows["algbw"] == pytest.approx(algbw, rel=1e-9)
+        assert rows["busbw"] == pytest.approx([a * factor for a in algbw], rel=1e-9)
+
+
+def test_bus_factor():
+    """busbw / algbw of the ring algorithms: 2(n−1)/n for all-reduce, (n−1)/n for all-gather; 0 alone."""
+    for n in (1, 2, 3, 8):
+        assert bus_factor("all_reduce", n) == pytest.approx(2 * (n - 1) / n)
+        assert bus_factor("all_gather", n) == pytest.approx((n - 1) / n)
+    assert bus_factor("all_reduce", 1) == 0.0 and bus_factor("all_gather", 8) == 0.875
+    with pytest.raises(ValueError, match="op must be one of"):
+        bus_factor("broadcast", 2)

@@ -1,15 +1,19 @@
 """The planner (vl2lab.planner.plan): layouts and fits from the sizing maths, commands, article claims, CLI and panel."""
+import inspect
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from vl2lab.planner import cli
 from vl2lab.planner import layouts as S
 from vl2lab.__main__ import main
+from vl2lab.model.config import PRESETS, REAL_PRESETS, preset_name
 from vl2lab.planner.claims import article_claims
 from vl2lab.planner.panel import show_planner
-from vl2lab.planner.plan import PlanError, plan
+from vl2lab.planner.plan import VARIANTS, PlanError, plan
 from vl2lab.planner.sizing import gb
 
 VLLM_ARCH = '--hf-overrides \'{"architectures": ["DeepseekVLV2ForCausalLM"]}\''
@@ -68,7 +72,8 @@ def test_tiny_tp4_needs_uneven_heads_and_vllm_warns():
     assert (4, "tp") not in {(x["tp"], x["moe"]) for x in plan("tiny", n_gpus=4, uneven_heads=False).layouts}
     assert p.recommended["vllm_problem"] is None  # the pick (tp=1, dp=4) runs everywhere
     cmd = p.commands(t4)
-    assert "torchrun --standalone --nproc-per-node 4 -m vl2lab.serve.generate" in cmd["vl2lab"][0]
+    assert cmd["vl2lab"][0].startswith("# /path/to/deepseek-vl2-tiny: the folder you downloaded")
+    assert "torchrun --standalone --nproc-per-node 4 -m vl2lab.serve.generate" in cmd["vl2lab"][1]
     assert cmd["vllm"][0].startswith("# WARNING: vLLM cannot shard deepseek-vl2-tiny with tensor-parallel size 4")
     assert "vLLM-legal layouts that fit: tp=1 ep=1 dp=4 moe=tp, tp=2 ep=1 dp=2 moe=tp" in cmd["vllm"][0]
     assert cmd["vllm"][1] == "# nearest vLLM layout, tp=1 ep=1 dp=4 moe=tp:"
@@ -89,9 +94,10 @@ def test_tiny_tp4_needs_uneven_heads_and_vllm_warns():
 def test_commands_carry_the_right_flags():
     p = plan("small", n_gpus=4, batch=8)
     c = p.commands()  # pick: 4 independent single-GPU copies
-    assert [x.split()[0] for x in c["vl2lab"][1:5]] == [f"CUDA_VISIBLE_DEVICES={i}" for i in range(4)]
-    assert all("--moe tp --vision replicated --dtype bfloat16 --max-new-tokens 512 --image image.jpg" in x
-               for x in c["vl2lab"][1:5]) and c["vl2lab"][-1] == "wait"
+    assert c["vl2lab"][1].startswith("# 4 independent copies")  # [0]: what /path/to/deepseek-vl2-small stands for
+    assert [x.split()[0] for x in c["vl2lab"][2:6]] == [f"CUDA_VISIBLE_DEVICES={i}" for i in range(4)]
+    assert all("--model /path/to/deepseek-vl2-small --moe tp --vision replicated --dtype bfloat16 "
+               "--max-new-tokens 512 --image image.jpg" in x for x in c["vl2lab"][2:6]) and c["vl2lab"][-1] == "wait"
     serve = [x for x in c["vllm"] if x.startswith("CUDA_VISIBLE_DEVICES")]
     assert len(serve) == 4 and [x.split("--port ")[1][:4] for x in serve] == ["8000", "8001", "8002", "8003"]
     for x in serve:
@@ -145,10 +151,14 @@ def test_sequence_length_and_context():
 @pytest.mark.parametrize("kw,match", [
     ({"variant": "huge"}, "unknown DeepSeek-VL2 variant"), ({"image_size": "768by768"}, "WIDTHxHEIGHT"),
     ({"image_size": (0, 5)}, "at least 1 pixel"), ({"dtype": "int4"}, "dtype"), ({"n_gpus": 0}, "n_gpus"),
-    ({"moe_modes": ("dp",)}, "moe_modes"), ({"vision": "pipeline"}, "vision"), ({"margin": 1.5}, "margin")])
+    ({"moe_modes": ("dp",)}, "moe_modes"), ({"vision": "pipeline"}, "vision"), ({"margin": 1.5}, "margin"),
+    ({"gpu_gb": float("inf")}, "gpu_gb must be a finite number > 0"), ({"gpu_gb": -1}, "gpu_gb"),
+    ({"context": 0}, "context must be a positive integer or None"), ({"images_per_prompt": -1}, "images_per_prompt")])
 def test_bad_input_is_one_clear_error(kw, match):
-    with pytest.raises(PlanError, match=match):
+    with pytest.raises(PlanError, match=match) as e:
         plan(**kw)
+    assert str(e.value).startswith(e.value.arg)  # Python callers read the keyword; the CLI swaps in its option
+    assert "--" not in str(e.value)
 
 
 def test_article_claims():
@@ -178,7 +188,7 @@ def test_cli_prints_deterministic_table_and_commands(capsys):
 
 @pytest.mark.parametrize("extra,match", [
     (["--variant", "huge"], "unknown DeepSeek-VL2 variant"), (["--image-size", "big"], "WIDTHxHEIGHT"),
-    (["--images", "2", "--image-size", "384x3456"], "context is 4096"), (["--tp", "3"], "no legal layout")])
+    (["--images", "2", "--image-size", "384x3456"], "context is 4096"), (["--tp", "3"], "not a legal layout")])
 def test_cli_errors(capsys, extra, match):
     assert main(["plan"] + extra) == 2
     err = capsys.readouterr().err
@@ -210,4 +220,133 @@ def test_panel_headless_and_show_planner(capsys):
     other = panel(variant="tiny", gpu_gb=32, context=None, image_size=(1000, 700), moe_modes=["ep", "tp"])
     assert other.controls["gpu_gb"].value == 32 and other.controls["image_size"].value == "1000x700"
     assert "request length" in other.view.value
+    micro = panel(variant="vl2-micro", n_gpus=1)  # not in the dropdown's three: it gets its own entry
+    assert micro.controls["variant"].value == "vl2-micro" and "vl2-micro: 3.29M parameters" in micro.view.value
     assert capsys.readouterr().out == ""  # re-planning writes to the widget, never to stdout
+
+
+# ------------------------------------------------------------------------------------- issue 16: the command line
+
+def test_cli_exit_status_1_when_nothing_fits(capsys):
+    argv = ["plan", "--variant", "small", "--gpus", "1", "--gpu-gb", "24"]
+    assert main(argv) == cli.EXIT["no_fit"] == 1
+    out = capsys.readouterr().out
+    assert out.startswith("deepseek-vl2-small: 16.15B parameters") and "  no  " in out  # the table, still
+    assert "pick: none fits; one copy needs tp=2 (moe=tp) on 24 GB GPUs" in out and "commands: none" in out
+    assert main(argv + ["--json"]) == 1
+    d = json.loads(capsys.readouterr().out)
+    assert d["recommended"] is None and d["commands"] is None and d["exit_status"] == 1
+    assert "tp=2" in d["request"]["hint"]
+    assert main(["plan", "--variant", "small", "--gpus", "2", "--gpu-gb", "24", "--tp", "1"]) == 1  # tp=1 can't
+    assert "note: tp=1 ep=1 dp=2 moe=tp does not fit: 33.30 GB per GPU > 21.10 GB usable" in capsys.readouterr().out
+    assert main(["plan", "--variant", "small", "--gpus", "2", "--gpu-gb", "24"]) == 0  # the pick, tp=2, fits
+    r = subprocess.run([sys.executable, "-m", "vl2lab", *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "pick: none fits" in r.stdout and r.stderr == ""
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--gpus", "0"], "--gpus must be an integer >= 1, got '0'"),
+    (["--gpus", "x"], "--gpus must be an integer >= 1, got 'x'"),
+    (["--gpu-gb", "-1"], "--gpu-gb must be a finite number > 0 (GB = 10^9 bytes per GPU), got '-1'"),
+    (["--gpu-gb", "inf"], "--gpu-gb must be a finite number > 0 (GB = 10^9 bytes per GPU), got 'inf'"),
+    (["--margin", "1.5"], "--margin must be a fraction in [0, 1) (the share of each GPU kept free), got '1.5'"),
+    (["--margin", "nan"], "--margin must be a fraction in [0, 1)"),
+    (["--image-size", "12"], "--image-size must be WIDTHxHEIGHT in pixels, both at least 1 (e.g. 768x768), got '12'"),
+    (["--image-size", "0x5"], "--image-size must be WIDTHxHEIGHT"),
+    (["--context", "abc"], "--context must be a positive integer or 'request', got 'abc'"),
+    (["--context", "0"], "--context must be a positive integer or 'request', got '0'"),
+    (["--moe-modes", "xx"], "--moe-modes must be tp, ep or tp,ep, got 'xx'"),
+    (["--variant", "nosuch"], "--variant: unknown DeepSeek-VL2 variant 'nosuch'; use one of tiny, small, base"),
+    (["--images", "-1"], "--images must be an integer >= 0, got '-1'"),
+    (["--batch", "0"], "--batch must be an integer >= 1, got '0'"),
+    (["--text-tokens", "-1"], "--text-tokens must be an integer >= 0"),
+    (["--new-tokens", "1.5"], "--new-tokens must be an integer >= 0"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be an integer >= 1"),
+    (["--tp", "0"], "--tp must be an integer >= 1"),
+    (["--dtype", "int4"], "--dtype: invalid choice: 'int4'"),
+    (["--gpus"], "--gpus: expected one argument"),
+    (["--moe", "ep"], "--moe and --ep choose the layout of --tp; give --tp too"),
+    (["--tp", "3"], "--tp 3 --moe tp is not a legal layout of deepseek-vl2-small on 4 GPUs; legal: --tp 1 --moe tp, "),
+    (["--tp", "2", "--moe", "ep", "--ep", "3"], "--tp 2 --moe ep --ep 3 is not a legal layout"),
+])
+def test_cli_bad_values_are_one_line_naming_the_option(capsys, extra, message):
+    assert main(["plan", *extra]) == cli.EXIT["bad_arguments"] == 2  # returned: no SystemExit, no traceback
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("vl2lab plan: error: " + message)
+    assert not any(k in err for k in ("n_gpus", "gpu_gb", "images_per_prompt", "image_size", "moe_modes",
+                                      "text_tokens", "new_tokens", "gpus_per_node", "margin=", "Traceback", "usage"))
+
+
+def test_cli_exit_2_in_a_real_process():
+    r = subprocess.run([sys.executable, "-m", "vl2lab", "plan", "--gpus", "0"], capture_output=True, text=True,
+                       timeout=300)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == "vl2lab plan: error: --gpus must be an integer >= 1, got '0'\n"  # one line, no traceback
+
+
+def test_cli_renames_plan_keywords_to_options(monkeypatch, capsys):
+    def fail(*a, **k):
+        raise PlanError("gpus_per_node must be an integer >= 1, got 0", "gpus_per_node")
+    monkeypatch.setattr(cli, "plan", fail)
+    assert main(["plan"]) == 2
+    assert capsys.readouterr().err == "vl2lab plan: error: --gpus-per-node must be an integer >= 1, got 0\n"
+    assert set(cli.OPTIONS) <= set(inspect.signature(plan).parameters)
+
+
+def test_cli_help_states_what_it_computes_every_default_and_the_exit_status(capsys):
+    assert main(["plan", "--help"]) == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    assert "bytes each GPU holds for the weights, the KV cache and the activations" in flat
+    assert "every legal layout" in flat and "vl2lab (torchrun), vLLM and SGLang" in flat
+    assert "GB means 10^9 bytes" in flat
+    options = text.split("\noptions:\n")[1].split("\n\n")[0]
+    blocks = [" ".join(b.split()) for b in re.split(r"\n  (?=-)", "\n" + options) if b.strip()]
+    assert len(blocks) == 20 and blocks[0].startswith("-h, --help")
+    for b in blocks[1:]:
+        assert "(default: " in b, b
+    assert "--gpu-gb GB memory per GPU in GB of 10^9 bytes (default: 80)" in blocks
+    assert "--variant NAME model: tiny, small, base" in blocks[1] and "(default: small)" in blocks[1]
+    assert "exit status:\n  0  a layout fits" in text and "\n  1  no layout fits" in text
+    assert "\n  2  bad arguments" in text
+
+
+@pytest.mark.parametrize("variant,count", [("vl2-micro", "3.29M parameters (2.67M activated)"),
+                                           ("random-tiny", "917.02K parameters (597.54K activated)"),
+                                           ("tiny", "3.37B parameters (1.01B activated)")])
+def test_parameter_counts_have_a_unit_that_fits(capsys, variant, count):
+    assert main(["plan", "--variant", variant, "--gpus", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{preset_name(variant)}: {count}, bfloat16\n")
+
+
+def test_accepted_variants_match_the_presets():
+    assert set(PRESETS) <= set(VARIANTS)  # everything load_pretrained / generate know as a preset name
+    assert {preset_name(v) for v in VARIANTS} == set(PRESETS)
+    for v in ("SMALL", "deepseek-ai/deepseek-vl2-small", "deepseek-vl2-base"):
+        assert plan(v, n_gpus=1).cfg.name in REAL_PRESETS
+
+
+def test_vl2lab_command_names_a_model_generate_can_load(capsys):
+    micro = plan("vl2-micro", n_gpus=1).commands()
+    assert micro["vl2lab"][0] == ("# --model vl2-micro: the trained snapshot shipped with vl2lab "
+                                  "(vl2lab/assets/vl2-micro)")
+    assert "-m vl2lab.serve.generate --model vl2-micro --moe tp" in micro["vl2lab"][1]
+    assert "vl2-micro is vl2lab's own model, not on the Hugging Face Hub" in micro["vllm"][0]
+    rnd = plan("random-tiny", n_gpus=1).commands()["vl2lab"]
+    assert "random weights" in rnd[0] and "--model random-tiny --moe" in rnd[1]
+    small = plan("small", n_gpus=1).commands()
+    assert small["vl2lab"][0] == ("# /path/to/deepseek-vl2-small: the folder you downloaded "
+                                  "deepseek-ai/deepseek-vl2-small to from the Hugging Face Hub (config.json, "
+                                  "*.safetensors, tokenizer files)")
+    assert "--model /path/to/deepseek-vl2-small --moe" in small["vl2lab"][1]
+    assert small["vllm"][0].startswith("vllm serve deepseek-ai/deepseek-vl2-small ")
+    own = plan("small", n_gpus=1).commands(model_path="/models/small")["vl2lab"]
+    assert len(own) == 1 and "--model /models/small --moe" in own[0]  # a given folder needs no comment
+    for name in PRESETS:
+        for gpu_gb in (8, 80):  # 16 GPUs on 2 nodes: base on 8 GB needs tp=16, so [multinode] has torchrun lines
+            text = plan(name, n_gpus=16, gpu_gb=gpu_gb).commands_text()
+            assert " ./" not in text  # no made-up folder next to the user's shell
+            if name in REAL_PRESETS:  # as a preset name generate would build random weights of full size
+                assert f"--model {name} " not in text
+    assert main(["plan", "--variant", "vl2-micro", "--gpus", "1", "--model-path", "/m"]) == 0
+    assert "--model /m --moe" in capsys.readouterr().out

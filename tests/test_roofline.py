@@ -44,8 +44,33 @@ def test_floors_on_the_anchor_ceilings():
 
 
 def test_measure_device_on_cpu():
-    m = roofline.measure_device("cpu", repeats=2)
-    assert m["copy_bytes_per_s"] > 0 and m["matmul_flops_per_s"] > 0 and m["device"] == "cpu"
+    m = roofline.measure_device("cpu", copy_bytes=1 << 24, matmul_n=256, repeats=2)
+    assert m["device"] == "cpu" and m["copy_bytes"] == 1 << 24 and m["matmul_n"] == 256
+    assert m["copy_bytes_per_s"] > 1e7 and m["matmul_flops_per_s"] > 1e6            # any working CPU does more
+
+
+def test_measure_device_formulas_on_a_known_clock(monkeypatch):
+    """With the timer answering known medians (copy 0.25 s, matmul 0.5 s): copy bandwidth = (bytes read + bytes
+    written) / t of a copy of ``copy_bytes``, matmul rate = 2·n³ / t; the sizes timed are the ones reported, with
+    the CPU caps applied."""
+    timed = []
+
+    def fake_timed(fn, dev, repeats, warmup, run=True):
+        timed.append(fn() if run else fn)
+        return {"median": (0.25, 0.5)[len(timed) - 1], "p10": 1e-9, "p90": 1e9, "n": repeats}
+
+    monkeypatch.setattr(roofline, "workload_timed", fake_timed)
+    m = roofline.measure_device("cpu", copy_bytes=1 << 20, matmul_n=48, repeats=2)
+    copied, product = timed
+    assert copied.dim() == 1 and copied.numel() * copied.element_size() == m["copy_bytes"] == 1 << 20
+    assert product.shape == (48, 48) and m["matmul_n"] == 48
+    assert m["copy_bytes_per_s"] == 2 * (1 << 20) / 0.25                           # read + written, over the median
+    assert m["matmul_flops_per_s"] == 2 * 48 ** 3 / 0.5                            # 2·n³ FLOPs
+    timed.clear()
+    monkeypatch.setattr(roofline, "workload_timed", lambda fn, dev, r, w: fake_timed(fn, dev, r, w, run=False))
+    m = roofline.measure_device("cpu", copy_bytes=1 << 34, matmul_n=8192)          # capped on a CPU: never timed
+    assert (m["copy_bytes"], m["matmul_n"]) == (1 << 26, 1024)
+    assert m["copy_bytes_per_s"] == 2 * (1 << 26) / 0.25 and m["matmul_flops_per_s"] == 2 * 1024 ** 3 / 0.5
 
 
 def test_perf_layer_loads_no_higher_layer():

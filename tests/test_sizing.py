@@ -44,6 +44,18 @@ def test_components_match_spec_table():
     assert b["correction_bias"] == 29 * 72 and t["correction_bias"] == s["correction_bias"] == 0
 
 
+@pytest.mark.parametrize("n,text", [(0, "0"), (917, "917"), (917_024, "917.02K"), (3_285_696, "3.29M"),
+                                    (999_999_999, "1.00B"), (3_370_501_440, "3.37B"), (16_148_349_504, "16.15B"),
+                                    (2.5e12, "2.50T")])
+def test_format_count_picks_the_unit(n, text):
+    assert S.format_count(n) == text
+
+
+def test_small_models_do_not_print_as_zero_billion():
+    c = S.param_counts(get_config("vl2-micro"))
+    assert (S.format_count(c["total"]), S.format_count(c["activated"])) == ("3.29M", "2.67M")
+
+
 @pytest.mark.parametrize("name,gb,gib", [(TINY, 6.741, 6.28), (SMALL, 32.297, 30.08), (BASE, 54.960, 51.19)])
 def test_bf16_weight_bytes(name, gb, gib):
     n = S.weight_bytes(get_config(name), "bfloat16")

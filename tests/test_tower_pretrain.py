@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config, published_config_dict
 from vl2lab.train import scenes
-from vl2lab.train.tower import global_views, load_tower, patch_labels
+from vl2lab.train.tower import eval_batch, global_views, load_tower, patch_labels, shape_accuracy
 from vl2lab.weights.pretrained import CheckpointError
 
 
@@ -49,3 +49,34 @@ def test_a_tower_of_another_config_or_a_missing_file_is_one_clear_error(tmp_path
     with pytest.raises(CheckpointError, match="does not fit"):
         load_tower(model, str(tmp_path / "tower.safetensors"))
     assert all(torch.equal(before[k], v) for k, v in model.vision.state_dict().items())   # nothing half-loaded
+
+
+class _Fixed(torch.nn.Module):
+    """A "tower + head" that answers the given patch predictions [N, cells] as one-hot logits, whatever the input."""
+
+    def __init__(self, pred: torch.Tensor):
+        super().__init__()
+        self.pred = pred
+
+    def forward(self, x):
+        assert x.shape[0] == self.pred.shape[0]
+        return torch.nn.functional.one_hot(self.pred, 1 + len(scenes.SHAPES)).float()
+
+
+def test_shape_accuracy_counts_the_cells_on_shapes_only():
+    """On hand-made predictions: 4 of the 5 cells on a shape right → 0.8, whatever is said about the background
+    (a score over every cell would give 0.5 here, 0.375 for an all-background answer)."""
+    y = torch.tensor([[0, 1, 2, 3], [4, 0, 1, 0]])
+    pred = torch.tensor([[1, 1, 2, 0], [4, 3, 1, 2]])             # background wrong everywhere, cell (0, 3) wrong
+    x = torch.zeros(2, 3, 8, 8)
+    assert shape_accuracy(_Fixed(pred), (x, y)) == pytest.approx(0.8)
+    assert shape_accuracy(_Fixed(y), (x, y)) == 1.0
+    assert shape_accuracy(_Fixed(torch.zeros_like(y)), (x, y)) == 0.0
+    # on the real eval batch: the oracle scores 1, and "the most common kind everywhere" scores that kind's share
+    views, lab = eval_batch(16, n=3)
+    assert views.shape == (3, 3, 384, 384) and lab.shape == (3, 256)
+    assert shape_accuracy(_Fixed(lab), (views, lab)) == 1.0
+    on = lab[lab > 0]
+    top = int(on.mode().values)
+    share = float((on == top).float().mean())
+    assert shape_accuracy(_Fixed(torch.full_like(lab, top)), (views, lab)) == pytest.approx(share)

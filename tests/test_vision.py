@@ -175,7 +175,21 @@ def test_mismatched_image_positions_raise(tiny_model, picture_768):
         model.prepare_inputs_embeds(batch["input_ids"], batch["images"], mask, batch["images_spatial_crop"])
 
 
-def test_generate_shape(tiny_model, picture_768):
+def test_generate_is_the_argmax_of_the_models_own_logits(tiny_model, picture_768):
+    """Greedy generate on an image prompt: each token is the argmax of the full forward over the prompt plus the
+    tokens so far (no cache), so a broken KV cache or a dropped image would change them. (The stronger check on
+    the trained vl2-micro, left padding and EOS is tests/test_language.py's argmax-loop test.)"""
     model, processor = tiny_model
-    out = model.generate(**_prompt(processor, picture_768), max_new_tokens=3, do_sample=False)
+    batch = _prompt(processor, picture_768)
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, ignore_eos=True)
     assert out.shape == (1, 3) and out.dtype == torch.long
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    seq_mask = batch["images_seq_mask"]
+    with torch.no_grad():
+        for k in range(3):
+            logits = model(input_ids=ids, attention_mask=mask, images=batch["images"], images_seq_mask=seq_mask,
+                           images_spatial_crop=batch["images_spatial_crop"]).logits
+            assert int(logits[0, -1].argmax()) == int(out[0, k]), k
+            ids = torch.cat([ids, out[:, k:k + 1]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            seq_mask = torch.cat([seq_mask, torch.zeros_like(seq_mask[:, :1])], dim=1)

@@ -12,8 +12,8 @@ import sys
 
 # name: (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "plan": ("vl2lab.planner.plan", "cli", "will DeepSeek-VL2 fit these GPUs, and how to split it (memory per GPU, "
-                                           "layouts, launch commands)"),
+    "plan": ("vl2lab.planner.cli", "main", "will DeepSeek-VL2 fit these GPUs, and how to split it (memory per GPU, "
+                                           "layouts, launch commands; exit 1 if nothing fits)"),
     "generate": ("vl2lab.serve.generate", "main", "answer a question about an image, the model sharded over the "
                                                   "ranks of torchrun (same as python -m vl2lab.serve.generate)"),
     "bench": ("vl2lab.perf.bench", "main", "the fixed benchmark workload on one device (python -m vl2lab.perf.bench)"),

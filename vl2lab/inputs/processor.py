@@ -31,10 +31,12 @@ import torch
 from PIL import Image
 
 from vl2lab.model.config import CANDIDATE_RESOLUTIONS
-from vl2lab.inputs.tiling import ProcessorError, image_tiles, image_token_count, select_canvas, to_rgb
+from vl2lab.inputs.tiling import (ProcessorError, check_resolutions, image_tiles, image_token_count, select_canvas,
+                                  to_rgb)
 from vl2lab.inputs.tokenizer import ASSISTANT, DET, DET_END, EOS, IMAGE, PAD, REF, REF_END, USER, load_tokenizer, save_tokenizer
 
-__all__ = ["VL2Processor", "VL2Batch", "ProcessorError", "parse_grounding", "image_token_count", "select_canvas"]
+__all__ = ["VL2Processor", "VL2Batch", "ProcessorError", "parse_grounding", "image_token_count", "select_canvas",
+           "check_processor_config"]
 
 _ROLES = {USER: "user", "user": "user", ASSISTANT: "assistant", "assistant": "assistant", "system": "system"}
 
@@ -73,6 +75,47 @@ def parse_grounding(text: str, image_size) -> list[tuple[str, list[float]]]:
     return out
 
 
+# processor_config.json fields the processor reads, with their JSON types (bool is not an int here).
+_FIELDS = {"candidate_resolutions": list, "patch_size": int, "downsample_ratio": int, "image_mean": list,
+           "image_std": list, "normalize": bool, "image_token": str, "pad_token": str, "add_special_token": bool,
+           "sft_format": str, "mask_prompt": bool, "ignore_id": int, "max_length": int}
+
+
+def check_processor_config(path: str) -> dict:
+    """A snapshot folder's ``processor_config.json`` as keyword arguments of :class:`VL2Processor` ({} when the
+    file is absent: the official defaults), checked: a JSON object, each field's type, positive sizes, three-value
+    mean/std, the resolutions. One ProcessorError naming the file, the field and what to do."""
+    fn = os.path.join(str(path), "processor_config.json")
+    if not os.path.isfile(fn):
+        return {}
+    fix = ("correct it, or copy processor_config.json from the snapshot it came from (for a published model, the "
+           "official deepseek-ai/deepseek-vl2* repository of that variant)")
+    try:
+        with open(fn, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProcessorError(f"{fn} is not valid JSON ({e}): it is truncated or corrupt; {fix}") from None
+    if not isinstance(cfg, dict):
+        raise ProcessorError(f"{fn} holds {type(cfg).__name__}, not a JSON object; {fix}")
+    for k, kind in ((k, kind) for k, kind in _FIELDS.items() if k in cfg):
+        v = cfg[k]
+        if not (isinstance(v, kind) and (kind is bool) == isinstance(v, bool)):
+            want = {list: "an array", int: "an integer", bool: "a boolean (true/false)", str: "a string"}[kind]
+        elif kind is int and k != "ignore_id" and v <= 0:
+            want = "a positive integer"
+        elif k in ("image_mean", "image_std") and (len(v) != 3 or not all(
+                type(x) in (int, float) and (x or k == "image_mean") for x in v)):
+            want = "3 numbers" + (", none of them 0" if k == "image_std" else "")
+        else:
+            continue
+        raise ProcessorError(f"{fn}: field {k} is {json.dumps(v)}; expected {want}; {fix}")
+    try:
+        check_resolutions(cfg.get("candidate_resolutions", CANDIDATE_RESOLUTIONS))
+    except ProcessorError as e:
+        raise ProcessorError(f"{fn}: {e}; {fix}") from None
+    return {k: v for k, v in cfg.items() if k != "processor_class"}
+
+
 class VL2Processor:
     """Images + conversation → ``input_ids``, ``attention_mask``, ``images``, ``images_seq_mask``,
     ``images_spatial_crop`` (the official field names and layouts)."""
@@ -83,7 +126,7 @@ class VL2Processor:
                  sft_format: str = "deepseek", mask_prompt: bool = False, ignore_id: int = -100,
                  max_length: int = 4096, **_ignored):
         self.tokenizer = tokenizer
-        self.candidate_resolutions = [list(c) for c in (candidate_resolutions or CANDIDATE_RESOLUTIONS)]
+        self.candidate_resolutions = check_resolutions(candidate_resolutions or CANDIDATE_RESOLUTIONS)
         self.image_size = self.candidate_resolutions[0][0]
         self.patch_size, self.downsample_ratio = patch_size, downsample_ratio
         self.image_mean, self.image_std, self.normalize = tuple(image_mean), tuple(image_std), normalize
@@ -115,15 +158,7 @@ class VL2Processor:
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "VL2Processor":
         """Tokenizer + ``processor_config.json`` of a snapshot folder (official defaults if the file is absent)."""
-        cfg = {}
-        fn = os.path.join(str(path), "processor_config.json")
-        if os.path.isfile(fn):
-            try:
-                with open(fn, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ProcessorError(f"{fn} is not valid JSON ({e}); re-save the snapshot") from None
-        cfg.pop("processor_class", None)
+        cfg = check_processor_config(path)
         return cls(load_tokenizer(path), **{**cfg, **overrides})
 
     def save_pretrained(self, path: str) -> None:

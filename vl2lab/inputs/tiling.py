@@ -39,6 +39,19 @@ class ProcessorError(ValueError):
     """Input the DeepSeek-VL2 processor cannot turn into a batch (the message says what to change)."""
 
 
+def check_resolutions(candidate_resolutions) -> list[list[int]]:
+    """The candidate canvases as ``[[W, H], ...]``, or one ProcessorError: they must be a non-empty list of pairs
+    of positive integers, each a multiple of the first entry's width (the tile size)."""
+    res = candidate_resolutions if isinstance(candidate_resolutions, (list, tuple)) else None
+    ok = bool(res) and all(isinstance(r, (list, tuple)) and len(r) == 2 and all(
+        type(x) is int and x > 0 for x in r) for r in res)
+    if not ok or any(x % res[0][0] for r in res for x in r):
+        raise ProcessorError(f"candidate_resolutions is {candidate_resolutions!r}; expected a non-empty list of "
+                             "[width, height] pairs of positive integers, each a multiple of the first width (the "
+                             "tile size), e.g. [[384, 384], [384, 768], [768, 384]]")
+    return [list(r) for r in res]
+
+
 def select_canvas(width: int, height: int, candidate_resolutions: Optional[Sequence] = None) -> tuple[int, int]:
     """Best-fit canvas (W, H) for a w×h image: largest effective area, then smallest waste, then earliest."""
     best, best_eff, best_waste = None, 0, float("inf")

@@ -176,6 +176,46 @@ def _write_json(fn: str, obj: dict) -> None:
         f.write("\n")
 
 
+def _fix(fn: str) -> str:
+    return (f"the file is truncated or corrupt: download it again, or copy {os.path.basename(fn)} from the snapshot "
+            "it came from (for a published model, the official deepseek-ai/deepseek-vl2* repository of that variant)")
+
+
+def _read_json(fn: str) -> dict:
+    """A tokenizer config file's JSON object, or one TokenizerError naming the file and what to do."""
+    try:
+        with open(fn, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{fn} is not valid JSON ({e}): {_fix(fn)}") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{fn} holds {type(obj).__name__}, not a JSON object; {_fix(fn)}")
+    return obj
+
+
+def check_tokenizer_files(path: str) -> None:
+    """Parse a snapshot folder's ``tokenizer.json`` (with the ``tokenizers`` library that will load it; it must hold
+    the image and role tokens) and its ``tokenizer_config.json`` / ``special_tokens_map.json`` if present: one
+    TokenizerError naming the file if any is corrupt. Used before any weight is read, so that a bad tokenizer does
+    not fail after a long load (it costs one more parse: ~0.2 s for a published 8 MB tokenizer.json)."""
+    fn = os.path.join(str(path), "tokenizer.json")
+    if not os.path.isfile(fn):
+        raise TokenizerError(f"{path!r} has no tokenizer.json: pass a DeepSeek-VL2 snapshot folder, or make one "
+                             "with vl2lab.inputs.tokenizer.build_tokenizer(path=...)")
+    try:
+        tok = Tokenizer.from_file(fn)
+    except Exception as e:  # the tokenizers library raises a bare Exception ("EOF while parsing ...")
+        raise TokenizerError(f"{fn} cannot be read as a tokenizer ({e}): {_fix(fn)}") from None
+    lacks = [t for t in (IMAGE, USER, ASSISTANT) if tok.token_to_id(t) is None]
+    if lacks:
+        raise TokenizerError(f"{fn} lacks the special token(s) {lacks}: not a DeepSeek-VL2 tokenizer; copy "
+                             "tokenizer.json from the snapshot of this model (the official deepseek-ai/deepseek-vl2* "
+                             "repository of that variant)")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if os.path.isfile(os.path.join(str(path), name)):
+            _read_json(os.path.join(str(path), name))
+
+
 def load_tokenizer(path: str):
     """Load a snapshot folder's ``tokenizer.json`` as a transformers fast tokenizer (local files only).
 
@@ -194,16 +234,18 @@ def load_tokenizer(path: str):
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = os.path.join(str(path), name)
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                cfg.update({k: v for k, v in json.load(f).items()
-                            if k in ("bos_token", "eos_token", "pad_token", "model_max_length")})
+            cfg.update({k: v for k, v in _read_json(p).items()
+                        if k in ("bos_token", "eos_token", "pad_token", "model_max_length")})
     special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
     special = {k: v for k, v in special.items() if v is not None}
     special.setdefault("bos_token", BOS)
     special.setdefault("eos_token", EOS)
     special.setdefault("pad_token", PAD)
-    tok = PreTrainedTokenizerFast(tokenizer_file=fn, model_max_length=cfg.get("model_max_length", 4096),
-                                  padding_side="left", **special)
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=fn, model_max_length=cfg.get("model_max_length", 4096),
+                                      padding_side="left", **special)
+    except Exception as e:  # the tokenizers library raises a bare Exception ("EOF while parsing ...")
+        raise TokenizerError(f"{fn} cannot be read as a tokenizer ({e}): {_fix(fn)}") from None
     vocab = tok.get_vocab()
     missing = [t for t in (special["bos_token"], special["eos_token"], IMAGE) if t not in vocab]
     if missing:

@@ -6,9 +6,10 @@ with ``--print-command``, prints the torchrun line to run on each node of a mult
     python -m vl2lab.launch vl2lab.lessons.smoke:hello -n 2 --backend gloo
     python -m vl2lab.launch vl2lab.lessons.smoke:hello -n 4 --nnodes 2 --rdzv-endpoint HEAD:29500 --print-command
 
-Exit codes: 0 success, 1 a rank failed or the launch timed out (the error report on stderr), 2 bad arguments
-(one line on stderr: a target that is not ``module:function`` or cannot be imported, a world size that does not
-split over the nodes, ...), 130 interrupted.
+Exit codes: 0 success, 1 a rank failed or the launch timed out (the error report on stderr; the run dir is kept)
+or the run dir could not be made (one line), 2 bad arguments (one line on stderr: a target that is not
+``module:function`` or cannot be imported, a world size that does not split over the nodes, ...), 130 interrupted.
+No error prints a traceback of this process.
 
 Lesson: notebook 04, section 8 ("Beyond one machine").
 """
@@ -20,7 +21,8 @@ import os
 import shlex
 import sys
 
-from vl2lab.launch.launcher import BACKENDS, check_launch, init_timeout, run, target_name, torchrun_command
+from vl2lab.launch.launcher import (BACKENDS, check_launch, init_timeout, loopback_ifname, run, target_name,
+                                    torchrun_command)
 from vl2lab.launch.results import RankFailedError
 
 __all__ = ["main", "parser", "print_command"]
@@ -39,8 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=0,
                    help="this node's index, 0..NNODES-1 (default: %(default)s)")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                   help="rendezvous address reachable from every node; needed with --nnodes > 1 "
-                        "(default: none: a single-node --standalone launch)")
+                   help="rendezvous address reachable from every node (it listens on every interface); needed "
+                        "with --nnodes > 1 (default: none: a single-node launch listening on 127.0.0.1 only)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: NCCL when every local rank has its own GPU, else gloo (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -49,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for the ranks' logs and status files; must not hold a launch yet (default: a "
                         "new folder under $VL2LAB_RUNS_DIR, or $TMPDIR/vl2lab-runs; with --print-command: "
                         "vl2lab-runs/MODULE-FUNCTION)")
+    p.add_argument("--keep-run-dir", action="store_true",
+                   help="keep the run dir after a success too (default: off: removed, unless --run-dir was given; "
+                        "a failed launch's is always kept)")
     p.add_argument("--stream", action="store_true", help="show rank 0's output live (default: off)")
     p.add_argument("--print-command", action="store_true",
                    help="print the torchrun command to run on each node instead of running (default: off)")
@@ -66,7 +71,10 @@ def print_command(a: argparse.Namespace) -> None:
     line = " ".join("$NODE_RANK" if c == "NODE_RANK" else shlex.quote(c) for c in cmd)
     if multi:
         print(f"# on each of the {a.nnodes} nodes, with NODE_RANK set to 0..{a.nnodes - 1}:")
-    print("PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 " + line)
+        print("PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 " + line)
+    else:  # the ranks' sockets on loopback too, as vl2lab.run does
+        lo = loopback_ifname() or "lo"
+        print(f"PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GLOO_SOCKET_IFNAME={lo} NCCL_SOCKET_IFNAME={lo} " + line)
 
 
 def _error(message: str, code: int) -> int:
@@ -83,17 +91,20 @@ def main(argv=None) -> int:
             print_command(a)
             return 0
         res = run(a.target, a.nproc_per_node * a.nnodes, a.backend, a.timeout, stream=a.stream,
-                  run_dir=a.run_dir, nnodes=a.nnodes, node_rank=a.node_rank,
-                  rdzv_endpoint=a.rdzv_endpoint)
+                  run_dir=a.run_dir, keep_run_dir=True if a.keep_run_dir else None, nnodes=a.nnodes,
+                  node_rank=a.node_rank, rdzv_endpoint=a.rdzv_endpoint)
     except (ValueError, TypeError) as e:  # bad arguments, found before anything started
         return _error(e, 2)
+    except OSError as e:  # e.g. a run dir that cannot be made
+        return _error(f"{type(e).__name__}: {e}", 1)
     except RankFailedError as e:  # RankTimeoutError too: the full report, no traceback of this process
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return _error("interrupted; every process of the launch was stopped", 130)
     print(res.summary())
-    print(f"run dir: {res.run_dir}")
+    print(f"run dir: {res.run_dir}" if res.run_dir else "run dir: removed after the launch succeeded "
+          "(--keep-run-dir keeps it)")
     return 0
 
 

@@ -7,7 +7,17 @@
 
 Each call starts a fresh ``torchrun`` in its own session (the rank side is ``vl2lab.launch.worker``), so no
 CUDA or NCCL state lives in the notebook kernel, which never touches CUDA. Ranks report through files
-in a run dir (``rank{r}.status.json``, ``rank{r}.result.pt``, ``rank{r}.log``) that is kept afterwards.
+in a private run dir (mode 0700: ``rank{r}.status.json``, ``rank{r}.result.pt``, ``rank{r}.log``).
+
+Safe by default: a single-node launch listens on loopback only (``vl2lab.launch.agent``: torchrun's stores on
+127.0.0.1, gloo and NCCL on the loopback interface); what travels between the launcher and the ranks is plain
+data read with ``torch.load(weights_only=True)`` (``vl2lab.launch.payload``), so a run folder cannot run code in
+the kernel; a keyword argument that cannot travel is refused, naming it, before anything exists.
+
+The run dir of a launch that failed or timed out is kept (its logs are the evidence; the error says where). That
+of a successful launch is removed (``RankResults.run_dir`` is then None), unless ``keep_run_dir=True`` or
+``run_dir=`` was given (a folder you named is yours: it is kept; a folder that existed before is never removed).
+A multi-node launch keeps it too (its nodes may share it).
 
 Failures surface as one exception naming the first failing rank: ``RankFailedError`` (a rank raised
 or vanished) or ``RankTimeoutError`` (the wall-clock ``timeout`` ran out). Timeouts nest:
@@ -28,7 +38,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import site
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -36,18 +48,20 @@ import tempfile
 import time
 
 import psutil
-import torch
 
+from vl2lab.launch.payload import kwargs_bytes
 from vl2lab.launch.processes import Launch, LogTail
 from vl2lab.launch.results import (RankFailedError, RankResults, RankTimeoutError, collect_records,
                                    failure_message, timeout_message)
 
-__all__ = ["run", "torchrun_command", "target_name", "check_launch", "init_timeout", "BACKENDS",
-           "EXIT_GRACE_S", "PROGRESS_EVERY_S"]
+__all__ = ["run", "torchrun_command", "target_name", "check_launch", "init_timeout", "loopback_ifname", "BACKENDS",
+           "EXIT_GRACE_S", "PROGRESS_EVERY_S", "LOOPBACK"]
 
 PROGRESS_EVERY_S = 10.0
 EXIT_GRACE_S = 30.0         # after every rank reported: how long torchrun may take to exit
 BACKENDS = ("auto", "gloo", "nccl")
+LOOPBACK = "127.0.0.1"      # where a single-node launch listens
+EXAMPLE_TARGET = "vl2lab.lessons.smoke:hello"  # what the errors give as an example (tests import it)
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -60,7 +74,7 @@ def target_name(fn) -> str:
         module, sep, name = fn.partition(":")
         parts = module.split(".") + name.split(".")
         if not sep or not all(p.isidentifier() for p in parts):
-            raise ValueError(f"fn={fn!r}: expected 'module:function', e.g. 'vl2lab.lessons.smoke:hello'.")
+            raise ValueError(f"fn={fn!r}: expected 'module:function', e.g. '{EXAMPLE_TARGET}'.")
     elif callable(fn):
         module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
         if module is None or "<" in name:
@@ -95,21 +109,34 @@ def check_launch(world_size, nnodes: int = 1, backend: str = "auto", timeout: fl
         raise ValueError("a multi-node launch needs rdzv_endpoint='HOST:PORT' (reachable from all nodes)")
 
 
+def _private_dir(path: str) -> str:
+    """Create ``path`` (and its parents) if needed; make it mode 0700 when it is ours."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
 def _runs_root() -> str:
-    return os.environ.get("VL2LAB_RUNS_DIR") or os.path.join(tempfile.gettempdir(), "vl2lab-runs")
+    """$VL2LAB_RUNS_DIR, or $TMPDIR/vl2lab-runs (…-runs-UID when another user owns that one), mode 0700."""
+    root = os.environ.get("VL2LAB_RUNS_DIR") or os.path.join(tempfile.gettempdir(), "vl2lab-runs")
+    _private_dir(root)
+    if not os.environ.get("VL2LAB_RUNS_DIR") and os.stat(root).st_uid != os.getuid():
+        root = _private_dir(f"{root}-{os.getuid()}")
+    return root
 
 
-def _make_run_dir(run_dir, target: str, node_tag: str) -> str:
+def _make_run_dir(run_dir, target: str, node_tag: str) -> tuple:
+    """(absolute run dir, whether this call created it)."""
     if run_dir is None:
-        root = _runs_root()
-        os.makedirs(root, exist_ok=True)
         short = "".join(c if c.isalnum() else "_" for c in target.split(":")[-1])[:40]
-        return tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-{short}-", dir=root)
+        return tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-{short}-", dir=_runs_root()), True
     run_dir = os.path.abspath(run_dir)
     if os.path.exists(os.path.join(run_dir, f"launch{node_tag}.json")):
         raise ValueError(f"run_dir={run_dir} already holds a launch; pass a new folder (or None).")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+    created = not os.path.exists(run_dir)
+    return _private_dir(run_dir), created
 
 
 # ---------------------------------------------------------------------------- command and environment
@@ -145,18 +172,32 @@ def torchrun_command(target: str, nproc_per_node: int, run_dir: str, backend: st
                      init_timeout: float = 120.0, *, nnodes: int = 1, node_rank="0",
                      rdzv_endpoint: str | None = None, kwargs_path: str | None = None,
                      python: str = sys.executable) -> list[str]:
-    """The torchrun command line of one node (``--standalone`` on a single node)."""
-    cmd = [python, "-m", "torch.distributed.run"]
+    """The torchrun command line of one node.
+
+    One node (no ``rdzv_endpoint``): ``vl2lab.launch.agent`` (torchrun whose stores listen on loopback only), a
+    c10d rendezvous on 127.0.0.1, port 0 (a free one per launch), the ranks' store on 127.0.0.1. Several nodes:
+    plain torchrun, rendezvous at ``rdzv_endpoint`` (reachable from every node: it listens on all interfaces).
+    """
     if nnodes == 1 and rdzv_endpoint is None:
-        cmd += ["--standalone"]  # c10d rendezvous on localhost:0: a free port per launch
+        cmd = [python, "-m", "vl2lab.launch.agent", "--nnodes", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"{LOOPBACK}:0", "--rdzv-id", _rdzv_id(target, run_dir, 1, nproc_per_node),
+               "--local-addr", LOOPBACK]
     else:
-        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", rdzv_endpoint,
-                "--rdzv-id", _rdzv_id(target, rdzv_endpoint, nnodes, nproc_per_node)]
+        cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+               "--rdzv-id", _rdzv_id(target, rdzv_endpoint, nnodes, nproc_per_node)]
     cmd += ["--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
             "--monitor-interval", "0.1", "-m", "vl2lab.launch.worker", "--run-dir", run_dir,
             "--target", target, "--backend", backend, "--init-timeout", f"{init_timeout:g}"]
     return cmd + (["--kwargs", kwargs_path] if kwargs_path else [])
+
+
+def loopback_ifname() -> str | None:
+    """The name of the network interface that holds 127.0.0.1 ('lo' on Linux, 'lo0' on macOS), if any."""
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == LOOPBACK for a in addrs):
+            return name
+    return "lo" if os.path.exists("/sys/class/net/lo") else None
 
 
 def _rank_env(nproc: int, run_dir: str, single_node: bool, omp_threads, extra) -> dict:
@@ -168,10 +209,11 @@ def _rank_env(nproc: int, run_dir: str, single_node: bool, omp_threads, extra) -
                OMP_NUM_THREADS=str(omp_threads or max(1, (cpus or 1) // nproc)),
                VL2LAB_LAUNCHER_PID=str(os.getpid()),
                VL2LAB_LAUNCHER_CTIME=repr(psutil.Process().create_time()))
-    if single_node:
-        env["MASTER_ADDR"] = "127.0.0.1"
-        if os.path.exists("/sys/class/net/lo"):
-            env["GLOO_SOCKET_IFNAME"] = "lo"
+    if single_node:  # every socket on loopback (``env=`` can still say otherwise)
+        env.update(MASTER_ADDR=LOOPBACK, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")  # 1: rank 0 would listen on ::
+        lo = loopback_ifname()
+        if lo:
+            env.update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
     env.update({k: str(v) for k, v in (extra or {}).items()})
     return env
 
@@ -217,29 +259,39 @@ def _wait(launch: Launch, timeout, stream, progress_after, expected: int):
 # ----------------------------------------------------------------------------------------------- run
 def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, *,
         stream: bool = False, progress_after: float | None = 15.0, run_dir: str | None = None,
-        nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
-        env: dict | None = None, omp_threads: int | None = None, **kwargs) -> RankResults:
+        keep_run_dir: bool | None = None, nnodes: int = 1, node_rank: int = 0,
+        rdzv_endpoint: str | None = None, env: dict | None = None, omp_threads: int | None = None,
+        **kwargs) -> RankResults:
     """Call ``fn(**kwargs)`` in every rank of a fresh torchrun launch; return the values by rank.
 
     ``fn``: ``"module:function"`` or a function whose module the ranks can import (not __main__).
     ``world_size``: ranks in total (``world_size // nnodes`` per node). ``backend``: auto|gloo|nccl.
     ``timeout``: wall-clock seconds for the whole launch. ``stream``: copy rank 0's output here.
     ``progress_after``: seconds before a progress line appears on stderr (None: never).
-    ``nnodes``/``node_rank``/``rdzv_endpoint``: multi-node; run the same call on every node.
+    ``run_dir``: the folder for logs and results (default: a new one under $VL2LAB_RUNS_DIR or
+    $TMPDIR/vl2lab-runs). ``keep_run_dir``: keep it after a success too (default: only when ``run_dir`` was
+    given or the launch is multi-node); a failed launch's is always kept, and a folder that existed before is
+    never removed.
+    ``nnodes``/``node_rank``/``rdzv_endpoint``: multi-node (opt-in; its rendezvous listens on every interface);
+    run the same call on every node. Without them every socket of the launch is on 127.0.0.1.
     ``env``: extra environment variables for the ranks. ``omp_threads``: OMP_NUM_THREADS per rank.
-    ``**kwargs`` go to ``fn`` in every rank (sent with torch.save); names that run() itself takes
-    (``timeout``, ``env``, ...) cannot be forwarded this way: pass them inside a dict.
+    ``**kwargs`` go to ``fn`` in every rank as plain data (numbers, strings, lists, dicts, tensors, numpy
+    arrays: anything else is refused here, naming it); names that run() itself takes (``timeout``, ``env``,
+    ...) cannot be forwarded this way: pass them inside a dict.
     """
     target = target_name(fn)
     check_launch(world_size, nnodes, backend, timeout, rdzv_endpoint)
+    payload = kwargs_bytes(kwargs) if kwargs else None  # before any folder or process exists
     multi = nnodes > 1 or rdzv_endpoint is not None
+    keep = keep_run_dir if keep_run_dir is not None else (run_dir is not None or multi)
     nproc = world_size // nnodes
     node_tag = f".node{node_rank}" if multi else ""
-    run_dir = _make_run_dir(run_dir, target, node_tag)
+    run_dir, created = _make_run_dir(run_dir, target, node_tag)
     kwargs_path = None
-    if kwargs:
-        kwargs_path = os.path.join(run_dir, "kwargs.pt")
-        torch.save(kwargs, kwargs_path)
+    if payload is not None:
+        kwargs_path = os.path.join(run_dir, f"kwargs{node_tag}.pt")
+        with open(kwargs_path, "wb") as f:
+            f.write(payload)
     cmd = torchrun_command(target, nproc, run_dir, backend, init_timeout(timeout),
                            nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                            kwargs_path=kwargs_path)
@@ -259,9 +311,19 @@ def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, 
         how = (f"did not exit within {_exit_grace():.0f} s and was stopped" if rc == "stuck"
                else f"exited with code {rc}")
         print(f"[vl2lab] warning: every rank reported ok, but torchrun {how}; the results are kept "
-              f"(logs in {run_dir})", file=sys.stderr, flush=True)
+              f"(logs in {run_dir}, kept)", file=sys.stderr, flush=True)
         return res
     if rc != 0 or any(r.status in ("error", "missing") for r in records):
         msg, first = failure_message(records, rc, run_dir, node_tag)
         raise RankFailedError(msg, records, run_dir, launch.proc.pid, first)
+    if created and not keep:
+        _remove_run_dir(res)
     return res
+
+
+def _remove_run_dir(res: RankResults) -> None:
+    """Delete a successful launch's run dir (its values are in ``res``); ``res.run_dir`` and log paths → None."""
+    shutil.rmtree(res.run_dir, ignore_errors=True)
+    res.run_dir = None
+    for rec in res.ranks:
+        rec.log_path = None

@@ -9,7 +9,8 @@
 Afterwards ``a`` and ``b`` in the notebook are lists indexed by rank (like ipyparallel's pull), and
 the cell prints the per-rank summary. The cell's source travels as text (nothing is pickled from
 ``__main__``); each rank execs it in a namespace holding ``rank``, ``world_size``, ``local_rank``,
-``torch``, ``dist`` (torch.distributed), ``device`` and the pushed variables (sent with torch.save).
+``torch``, ``dist`` (torch.distributed), ``device`` and the pushed variables (sent with torch.save, as plain data:
+numbers, strings, lists, dicts, tensors, numpy arrays; a variable that cannot travel is refused, naming it).
 A failing rank raises the same ``RankFailedError`` as ``vl2lab.run`` (``vl2lab.launch.run``).
 
 Lesson: notebook 00, section "3. The same, as a cell: `%%torchrun`".
@@ -22,6 +23,7 @@ from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from vl2lab.launch.launcher import run
+from vl2lab.launch.payload import kwargs_bytes
 
 __all__ = ["TorchrunMagics", "load_ipython_extension"]
 
@@ -53,6 +55,10 @@ class TorchrunMagics(Magics):
         missing = [n for n in push_names if n not in ns]
         if missing:
             raise UsageError(f"--push names {missing}, which are not defined in the notebook")
+        try:  # name the variable that cannot travel (run() would name only "push")
+            kwargs_bytes({n: ns[n] for n in push_names}, label="--push variable")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         res = run("vl2lab.launch.worker:run_source", world_size=args.nproc, backend=args.backend,
                   timeout=args.timeout, stream=args.stream, source=cell,
                   push={n: ns[n] for n in push_names}, pull=tuple(pull))

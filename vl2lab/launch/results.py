@@ -4,7 +4,9 @@ failing rank (what it raised, its traceback and log tail, what the others were d
 Each rank reports through files in the launch's run dir: ``rank{r}.status.json`` (status, timings, peak memory,
 pid; an error's type, message and traceback), ``rank{r}.result.pt`` (its return value), ``rank{r}.log``.
 :func:`collect_records` reads them after the launch; a rank without a status file vanished (killed, out of
-memory, ``os._exit``) or never finished (the timeout).
+memory, ``os._exit``) or never finished (the timeout). A result file is read as plain data only
+(``vl2lab.launch.payload``: ``torch.load(weights_only=True)``): one that names any other class or function is
+refused, as that rank's error, and nothing in it runs.
 
 Lesson: notebook 00, sections 2 ("Ranks report in") and 4 ("When a rank fails").
 """
@@ -18,7 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from vl2lab.launch.payload import loads, refusal
 
 __all__ = ["RankRecord", "RankResults", "RankFailedError", "RankTimeoutError", "collect_records",
            "failure_message", "timeout_message", "read_json", "GRACE_S"]
@@ -68,9 +70,11 @@ def _table(header, rows) -> str:
 
 
 class RankResults:
-    """Return values of a launch indexed by global rank (``res[0]``), plus one RankRecord per rank."""
+    """Return values of a launch indexed by global rank (``res[0]``), plus one RankRecord per rank.
 
-    def __init__(self, ranks: list, world_size: int, run_dir: str, wall_s: float, agent_pid=None):
+    ``run_dir``: the launch's folder, or None once it was removed (a successful launch without keep_run_dir)."""
+
+    def __init__(self, ranks: list, world_size: int, run_dir: str | None, wall_s: float, agent_pid=None):
         self.ranks, self.world_size, self.run_dir = ranks, world_size, run_dir
         self.wall_s, self.agent_pid = wall_s, agent_pid
         used = sorted({r.backend for r in ranks if r.backend})
@@ -110,8 +114,10 @@ class RankResults:
         rows = [(r.rank, sec(r.startup_s), sec(r.duration_s), mib(r.peak_rss_bytes),
                  mib(r.peak_cuda_bytes), r.pid or "-") for r in self.ranks]
         head = ("rank", "startup_s", "duration_s", "peak_rss_MiB", "peak_cuda_MiB", "pid")
+        where = (f"run dir {self.run_dir}" if self.run_dir else
+                 "run dir removed after the launch succeeded (keep_run_dir=True keeps it)")
         return _Text(_table(head, rows) + f"\nlaunch wall time {self.wall_s:.1f} s (torchrun, "
-                     f"imports, init and fn); run dir {self.run_dir}")
+                     f"imports, init and fn); {where}")
 
     def __repr__(self) -> str:
         return str(self.summary())
@@ -212,10 +218,11 @@ def collect_records(run_dir: str, world_size: int, multi: bool, timed_out: bool,
         if rec.status == "ok":
             try:
                 # map_location: a CUDA tensor hidden in an odd container must not wake CUDA here
-                rec.value = torch.load(path + ".result.pt", map_location="cpu", weights_only=False)
-            except Exception as e:  # e.g. a class the launching process cannot import
+                rec.value = loads(path + ".result.pt", map_location="cpu")
+            except Exception as e:  # noqa: BLE001 — not plain data (a planted or foreign file), or no file at all
                 rec.status, rec.exc_type, rec.traceback = "error", type(e).__name__, ""
-                rec.message = f"rank {r}'s result could not be loaded by the launcher: {e}"
+                rec.message = (f"rank {r}'s result file {path}.result.pt was not loaded: "
+                               f"{refusal(path + '.result.pt', e)}")
                 rec.end_time = float("inf")
         elif rec.status == "missing" and multi and rec.pid is None:
             rec.status = "remote"

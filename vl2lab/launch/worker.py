@@ -14,8 +14,10 @@ What each rank does, in order (Lesson: notebook 00, sections 2 and 4):
 3. Import torch and resolve the backend: ``auto`` gives NCCL when CUDA is available and every local
    rank gets its own GPU (``torch.cuda.set_device(local_rank)``), otherwise gloo. Then
    ``init_process_group`` runs with a short timeout, so a missing peer fails quickly.
-4. Call ``fn(**kwargs)``, move tensors in the result to the CPU, and write ``rank{r}.result.pt`` and
-   ``rank{r}.status.json``. Both are written atomically (temp file, then rename), even on failure.
+4. Call ``fn(**kwargs)`` (the keyword arguments read as plain data: ``vl2lab.launch.payload``), move tensors
+   in the result to the CPU, and write ``rank{r}.result.pt`` and ``rank{r}.status.json``. Both are written
+   atomically (temp file, then rename), even on failure. A result the launcher would refuse to load (not plain
+   data) is this rank's error instead.
    A failing rank then re-raises, so torchrun stops the other ranks and names the root cause.
 
 Only torch, psutil and the launch package's own modules are imported here (torch before step 1, so what its
@@ -43,10 +45,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from vl2lab.launch.payload import loads, refusal, result_bytes
 from vl2lab.launch.processes import find_process, kill
 from vl2lab.parallel import groups as vdist
 
-__all__ = ["main", "run_source", "WATCHDOG_INTERVAL_S"]
+__all__ = ["main", "read_kwargs", "run_source", "WATCHDOG_INTERVAL_S"]
 
 WATCHDOG_INTERVAL_S = 1.0
 
@@ -137,6 +140,18 @@ def _resolve(target: str):
     return obj
 
 
+def read_kwargs(path: str) -> dict:
+    """The keyword arguments in ``path``, read as plain data only (nothing named in the file is run)."""
+    try:
+        kwargs = loads(path)
+    except Exception as e:  # noqa: BLE001 — a foreign or planted file: one clear error, no unsafe advice
+        raise ValueError(f"the keyword arguments in {path} were not loaded: {refusal(path, e)}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"the keyword arguments in {path} were not loaded: it holds a {type(kwargs).__name__}, "
+                         "not a dict")
+    return kwargs
+
+
 def _init_backend(requested: str, timeout_s: float):
     """Returns (backend, device) after init_process_group; "auto" → nccl iff each local rank has a GPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -197,19 +212,15 @@ def _run_rank(args, status: dict) -> None:
         backend, device = _init_backend(args.backend, args.init_timeout)
         status.update(backend=backend, device=str(device))
         fn = _resolve(args.target)
-        kwargs = torch.load(args.kwargs, weights_only=False) if args.kwargs else {}
+        kwargs = read_kwargs(args.kwargs) if args.kwargs else {}
         status["fn_start_time"] = time.time()
         value = _to_cpu(fn(**kwargs))
     except BaseException as e:  # noqa: BLE001 — SystemExit and KeyboardInterrupt are rank failures too
         error, tb = e, traceback.format_exc()
-    try:
-        _write_atomic(result_path, lambda f: torch.save(value, f))
-    except Exception as e:  # the return value could not be pickled
-        if error is None:
-            error, tb = TypeError(f"the return value of {args.target} cannot be saved with torch.save "
-                                  f"({type(e).__name__}: {e}); return tensors, numbers, strings, "
-                                  "lists, dicts or numpy arrays"), traceback.format_exc()
-        _write_atomic(result_path, lambda f: torch.save(None, f))
+    data, unsendable = result_bytes(value, args.target)  # what the launcher will load, checked here
+    if unsendable is not None and error is None:
+        error, tb = unsendable, f"TypeError: {unsendable}\n"
+    _write_atomic(result_path, lambda f: f.write(data))
     end = time.time()
     cuda_peak = None
     if (status.get("device") or "cpu").startswith("cuda"):

@@ -137,7 +137,7 @@ def compare_all(combos: Sequence[tuple] = (("random-tiny", "tp", "replicated"),)
         try:
             if reference and name in reference:
                 ref = reference[name]
-                batches = test_batches(load_processor(path), with_image, device)
+                batches = test_batches(load_processor(path, required=True), with_image, device)
             else:
                 dense, processor = load_pretrained(path, dtype=dt, device=device)
                 batches, ref = test_batches(processor, with_image, device), {"dense_param_bytes": param_bytes(dense)}

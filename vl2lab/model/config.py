@@ -3,9 +3,9 @@
 A DeepSeek-VL2 snapshot's ``config.json`` has three sub-configs (``vision_config``, ``projector_config``,
 ``language_config``) plus the tiling settings. The published files **omit** keys whose values then come from the
 defaults of the classes shipped with the official code — not from transformers' generic ``DeepseekV2Config``, whose
-defaults differ (32 layers; older releases vocab 32000). Parsing small or base with the generic defaults silently
-builds the wrong model. Each dataclass below carries the *official* defaults, so that ``VL2Config.from_dict`` of an
-unmodified ``config.json`` fills exactly what the official code would.
+defaults differ (32 layers; older releases vocab 32000) and would silently build the wrong small or base. Each
+dataclass below carries the *official* defaults, so ``VL2Config.from_dict`` fills exactly what the official code
+would. It also checks each field's JSON type and that sizes and counts are positive (:class:`ConfigFieldError`).
 
 Presets:
 
@@ -42,6 +42,43 @@ CANDIDATE_RESOLUTIONS: list[list[int]] = [
 
 class ConfigError(ValueError):
     """A configuration that vl2lab cannot build a DeepSeek-VL2 from."""
+
+
+class ConfigFieldError(ConfigError):
+    """A DeepSeek-VL2 config with a field of the wrong JSON type or an impossible value (the message names it)."""
+
+
+# JSON type of each field annotation: (accepted Python types, how the message names it)
+_KINDS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+          "bool": ((bool,), "a boolean (true/false)"), "list": ((list,), "an array"), "dict": ((dict,), "an object")}
+
+
+def _typed(klass, sub, where: str) -> dict:
+    """The fields of ``klass`` found in the config.json object ``sub``, each checked against the field's type."""
+    if not isinstance(sub, dict):
+        raise ConfigFieldError(f"field {where.rstrip('.')} is {json.dumps(sub)} "
+                               f"({_KINDS.get(type(sub).__name__, ((), 'null'))[1]}); expected an object {{...}}")
+    out = {}
+    for f in (f for f in dataclasses.fields(klass) if f.name in sub):
+        v, optional, kind = sub[f.name], f.type.startswith("Optional["), f.type.removeprefix("Optional[").rstrip("]")
+        ok = isinstance(v, _KINDS[kind][0]) and (kind == "bool") == isinstance(v, bool)
+        if not (ok or (v is None and optional)):
+            number = isinstance(v, str) and v.strip().lstrip("-").replace(".", "", 1).isdigit()
+            raise ConfigFieldError(f"field {where}{f.name} is {json.dumps(v)} "
+                                   f"({_KINDS.get(type(v).__name__, ((), 'null'))[1]}); expected "
+                                   f"{'null or ' if optional else ''}{_KINDS[kind][1]}"
+                                   + (f': write it without quotes, "{f.name}": {v.strip()}' if number else ""))
+        out[f.name] = v
+    return out
+
+
+# Sizes and counts that must be > 0 (null where the field is optional: a dense model, MHA); other numbers ≥ 0.
+_POSITIVE = {"vision_config": ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio"),
+             "projector_config": ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio"),
+             "language_config": ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "ep_size",
+                                 "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq",
+                                 "max_position_embeddings", "kv_lora_rank")}
 
 
 @dataclass
@@ -138,8 +175,7 @@ class LanguageConfig:
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Layer ``i`` is MoE when i ≥ first_k_dense_replace and i % moe_layer_freq == 0 (official rule)."""
-        return (self.is_moe and layer_idx >= self.first_k_dense_replace
-                and layer_idx % self.moe_layer_freq == 0)
+        return self.is_moe and layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     @property
     def head_dim(self) -> int:
@@ -178,15 +214,10 @@ class VL2Config:
                 f"not a DeepSeek-VL2 config (model_type={d.get('model_type')!r}, missing {missing}); "
                 "expected the config.json of a deepseek-ai/deepseek-vl2[-tiny|-small] snapshot")
 
-        def build(klass, sub):
-            known = {f.name for f in dataclasses.fields(klass)}
-            return klass(**{k: v for k, v in (sub or {}).items() if k in known})
-
-        top = {f.name for f in dataclasses.fields(cls)} - {"vision_config", "projector_config", "language_config"}
-        cfg = cls(vision_config=build(VisionConfig, d["vision_config"]),
-                  projector_config=build(ProjectorConfig, d["projector_config"]),
-                  language_config=build(LanguageConfig, d["language_config"]),
-                  **{k: v for k, v in d.items() if k in top and k != "name"})
+        subs = {"vision_config": VisionConfig, "projector_config": ProjectorConfig, "language_config": LanguageConfig}
+        top = _typed(cls, {k: v for k, v in d.items() if k not in subs and k != "name"}, "")
+        cfg = cls(**{k: klass(**_typed(klass, {} if d[k] is None else d[k], k + ".")) for k, klass in subs.items()},
+                  **top)
         cfg.name = d.get("name", name) if name == "custom" else name
         cfg.validate()
         return cfg
@@ -206,9 +237,12 @@ class VL2Config:
         try:
             with open(fn) as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{fn} is not valid JSON ({e}); re-download or re-save the snapshot") from None
-        return cls.from_dict(d, name=os.path.basename(os.path.normpath(path)))
+        try:
+            return cls.from_dict(d, name=os.path.basename(os.path.normpath(path)))
+        except ConfigFieldError as e:
+            raise ConfigFieldError(f"{fn}: {e}; correct it (or re-download the snapshot's config.json)") from None
 
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
@@ -218,21 +252,33 @@ class VL2Config:
     # -- checks ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
         lm, v, p = self.language_config, self.vision_config, self.projector_config
+        for sub, names in _POSITIVE.items():
+            for n, x in dataclasses.asdict(getattr(self, sub)).items():
+                if isinstance(x, (int, float)) and not isinstance(x, bool) and (x < 0 or (x == 0 and n in names)):
+                    kind = "a positive " + ("integer" if isinstance(x, int) else "number") if n in names else ">= 0"
+                    raise ConfigFieldError(f"field {sub}.{n} is {x!r}; it must be {kind}"
+                                           + {"n_routed_experts": " (or null for a dense model)",
+                                              "kv_lora_rank": " (or null for MHA)"}.get(n, ""))
+        if lm.is_moe and not (lm.num_experts_per_tok and lm.num_experts_per_tok <= lm.n_routed_experts):
+            raise ConfigFieldError(f"field language_config.num_experts_per_tok is {lm.num_experts_per_tok!r}; an MoE "
+                                   f"model routes each token to 1..n_routed_experts ({lm.n_routed_experts}) experts")
         if p.n_embed != lm.hidden_size:
-            raise ConfigError(f"projector n_embed {p.n_embed} != language hidden_size {lm.hidden_size}")
+            raise ConfigFieldError(f"projector n_embed {p.n_embed} != language hidden_size {lm.hidden_size}")
         if p.input_dim != v.width:
-            raise ConfigError(f"projector input_dim {p.input_dim} != vision width {v.width}")
+            raise ConfigFieldError(f"projector input_dim {p.input_dim} != vision width {v.width}")
         if self.tile_tag != "2D" or self.global_view_pos != "head":
-            raise ConfigError("only tile_tag='2D' with global_view_pos='head' is supported (the published models)")
+            raise ConfigFieldError("only tile_tag='2D' with global_view_pos='head' is supported (the published models)")
         if lm.is_moe and lm.topk_method not in ("greedy", "gready", "noaux_tc"):
-            raise ConfigError(f"router topk_method {lm.topk_method!r} is not one DeepSeek-VL2 uses "
-                              "(greedy or noaux_tc)")
+            raise ConfigFieldError(f"router topk_method {lm.topk_method!r} is not one DeepSeek-VL2 uses "
+                                   "(greedy or noaux_tc)")
         if lm.is_moe and lm.topk_method == "noaux_tc" and lm.scoring_func != "sigmoid":
-            raise ConfigError("noaux_tc routing needs scoring_func='sigmoid'")
+            raise ConfigFieldError("noaux_tc routing needs scoring_func='sigmoid'")
         if not lm.use_mla and lm.hidden_size % lm.num_attention_heads:
-            raise ConfigError("MHA needs hidden_size divisible by num_attention_heads")
+            raise ConfigFieldError("MHA needs hidden_size divisible by num_attention_heads")
         if lm.use_mla and lm.q_lora_rank is not None:
-            raise ConfigError("MLA with q-LoRA is not used by any DeepSeek-VL2 variant (q_lora_rank must be null)")
+            raise ConfigFieldError("MLA with q-LoRA is not used by any DeepSeek-VL2 variant (q_lora_rank must be null)")
+        if lm.use_mla and not lm.kv_lora_rank:
+            raise ConfigFieldError("field language_config.kv_lora_rank is null; MLA (use_mla: true) needs it > 0")
 
     def replace(self, **lang_overrides) -> "VL2Config":
         """A copy with some language-model fields changed (handy for experiments)."""
@@ -245,45 +291,40 @@ class VL2Config:
         return c
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Presets: the published config.json contents (keys as published; omitted keys fall to the defaults above)
-# ---------------------------------------------------------------------------------------------------------------
+# -- presets: the published config.json contents (keys as published; omitted keys fall to the defaults above) --
 _SO400M = {"model_name": "siglip_so400m_patch14_384", "model_type": "vision", "image_size": 384,
            "patch_size": 14, "width": 1152, "layers": 27, "mlp_ratio": 3.7362}
+_MHA = {"use_mla": False, "kv_lora_rank": None, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0}
+_MOE = {"n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1}
+
+
+def _projector(input_dim: int, n_embed: int, published: bool = True) -> dict:
+    return {**({"model_type": "mlp_projector"} if published else {}), "projector_type": "downsample_mlp_gelu",
+            "input_dim": input_dim, "n_embed": n_embed, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2}
+
 
 _PUBLISHED: dict[str, dict[str, Any]] = {
     "deepseek-vl2-tiny": {
-        "vision_config": _SO400M,
-        "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
-                             "input_dim": 1152, "n_embed": 1280, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2},
+        "vision_config": _SO400M, "projector_config": _projector(1152, 1280),
         "language_config": {"model_type": "deepseek_v2", "vocab_size": 129280, "hidden_size": 1280,
                             "intermediate_size": 6848, "moe_intermediate_size": 896, "num_hidden_layers": 12,
                             "num_attention_heads": 10, "num_key_value_heads": 10, "n_routed_experts": 64,
-                            "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
-                            "moe_layer_freq": 1, "n_group": 1, "topk_group": 1, "topk_method": "greedy",
-                            "use_mla": False, "q_lora_rank": None, "kv_lora_rank": None, "qk_nope_head_dim": 0,
-                            "qk_rope_head_dim": 0, "v_head_dim": 0, "max_position_embeddings": 4096,
-                            "bos_token_id": 0, "eos_token_id": 1},
+                            "num_experts_per_tok": 6, **_MOE, "topk_method": "greedy", "q_lora_rank": None, **_MHA,
+                            "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1},
     },
     "deepseek-vl2-small": {
-        "vision_config": _SO400M,
-        "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
-                             "input_dim": 1152, "n_embed": 2048, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2},
+        "vision_config": _SO400M, "projector_config": _projector(1152, 2048),
         "language_config": {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
                             "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
-                            "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
-                            "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-                            "n_group": 1, "topk_group": 1, "topk_method": "greedy", "use_mla": True,
-                            "q_lora_rank": None, "max_position_embeddings": 4096},
+                            "num_key_value_heads": 16, "n_routed_experts": 64, "num_experts_per_tok": 6, **_MOE,
+                            "topk_method": "greedy", "use_mla": True, "q_lora_rank": None,
+                            "max_position_embeddings": 4096},
     },
     "deepseek-vl2": {
-        "vision_config": _SO400M,
-        "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
-                             "input_dim": 1152, "n_embed": 2560, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2},
+        "vision_config": _SO400M, "projector_config": _projector(1152, 2560),
         "language_config": {"model_type": "deepseek_v2", "vocab_size": 129280, "hidden_size": 2560,
                             "intermediate_size": 12288, "moe_intermediate_size": 1536, "n_routed_experts": 72,
-                            "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
-                            "moe_layer_freq": 1, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+                            "num_experts_per_tok": 6, **_MOE, "topk_method": "noaux_tc",
                             "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.0,
                             "use_mla": True, "q_lora_rank": None, "max_position_embeddings": 4096,
                             "bos_token_id": 0, "eos_token_id": 1},
@@ -293,50 +334,39 @@ _PUBLISHED: dict[str, dict[str, Any]] = {
 _RANDOM_VISION = {"model_name": "siglip_random_patch14_384", "image_size": 384, "patch_size": 14, "width": 64,
                   "layers": 2, "heads": 4, "mlp_ratio": 2.0}
 _RANDOM_LM_COMMON = {"vocab_size": 1024, "intermediate_size": 192, "moe_intermediate_size": 32,
-                     "num_hidden_layers": 3, "n_shared_experts": 2, "num_experts_per_tok": 4,
-                     "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
-                     "max_position_embeddings": 4096, "q_lora_rank": None, "bos_token_id": 0, "eos_token_id": 1}
+                     "num_hidden_layers": 3, "num_experts_per_tok": 4, **_MOE, "max_position_embeddings": 4096,
+                     "q_lora_rank": None, "bos_token_id": 0, "eos_token_id": 1}
+_RANDOM_MLA = {"use_mla": True, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
 
 
 def _random(n_embed: int, lm: dict) -> dict:
-    return {"vision_config": _RANDOM_VISION,
-            "projector_config": {"input_dim": 64, "n_embed": n_embed, "depth": 2, "mlp_ratio": 1,
-                                 "downsample_ratio": 2, "projector_type": "downsample_mlp_gelu"},
+    return {"vision_config": _RANDOM_VISION, "projector_config": _projector(64, n_embed, published=False),
             "language_config": {**_RANDOM_LM_COMMON, **lm}, "torch_dtype": "float32"}
 
 
 _PUBLISHED.update({
     # MHA with 6 heads: 4 ranks split them unevenly (2,2,1,1), as 10 heads of the real tiny split (3,3,2,2).
     "random-tiny": _random(96, {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
-                                "n_routed_experts": 16, "topk_method": "greedy", "use_mla": False,
-                                "kv_lora_rank": None, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0,
-                                "v_head_dim": 0}),
+                                "n_routed_experts": 16, "topk_method": "greedy", **_MHA}),
     "random-small": _random(64, {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
-                                 "n_routed_experts": 16, "topk_method": "greedy", "use_mla": True,
-                                 "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
-                                 "v_head_dim": 16}),
+                                 "n_routed_experts": 16, "topk_method": "greedy", **_RANDOM_MLA}),
     "random-base": _random(64, {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
                                 "n_routed_experts": 12, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
-                                "norm_topk_prob": True, "routed_scaling_factor": 2.0, "use_mla": True,
-                                "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
-                                "v_head_dim": 16}),
+                                "norm_topk_prob": True, "routed_scaling_factor": 2.0, **_RANDOM_MLA}),
 })
 
-# vl2-micro: the model the project trains itself (vl2lab/train/micro.py) on the shapes task of vl2lab/train/scenes.py and
-# ships in vl2lab/assets/vl2-micro. Same structure as random-tiny (MHA with 6 heads, softmax greedy MoE, 2 shared
+# vl2-micro: the model the project trains itself (vl2lab/train/micro.py) on the shapes task of vl2lab/train/scenes.py
+# and ships in vl2lab/assets/vl2-micro. Same structure as random-tiny (MHA with 6 heads, softmax greedy MoE, 2 shared
 # experts), sized to learn in minutes on two CPU cores; vocabulary = the task tokenizer's 512 entries. The tower
 # uses 24-pixel patches (a 16×16 grid, 8×8 image tokens per tile: 145 tokens for a one-tile image instead of 421),
 # so training spends its time on many scenes rather than on many tokens per scene; the tiling is unchanged.
 _PUBLISHED["vl2-micro"] = {
     "vision_config": {"model_name": "siglip_micro_patch24_384", "image_size": 384, "patch_size": 24, "width": 192,
                       "layers": 3, "heads": 3, "mlp_ratio": 2.0},
-    "projector_config": {"input_dim": 192, "n_embed": 192, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2,
-                         "projector_type": "downsample_mlp_gelu"},
+    "projector_config": _projector(192, 192, published=False),
     "language_config": {**_RANDOM_LM_COMMON, "vocab_size": 512, "hidden_size": 192, "intermediate_size": 384,
-                        "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 6,
-                        "num_key_value_heads": 6, "n_routed_experts": 16, "num_experts_per_tok": 2,
-                        "topk_method": "greedy", "use_mla": False, "kv_lora_rank": None, "qk_nope_head_dim": 0,
-                        "qk_rope_head_dim": 0, "v_head_dim": 0},
+                        "num_attention_heads": 6, "num_key_value_heads": 6, "n_routed_experts": 16,
+                        "num_experts_per_tok": 2, "topk_method": "greedy", **_MHA},
     "torch_dtype": "float32",
 }
 

@@ -16,11 +16,59 @@ is finished (unless ``ignore_eos``).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["generate", "sample_next", "top_p_filter"]
+__all__ = ["generate", "sample_next", "top_p_filter", "GenerationError", "check_new_tokens", "check_context",
+           "check_sampling"]
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run as asked (the message says what to change)."""
+
+
+def check_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` as an int, or one clear error: a whole number (bool excluded) of at least 1 (generation
+    always makes a token; the prompt alone is ``model(**batch)``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r} "
+                        f"({type(max_new_tokens).__name__}); pass e.g. max_new_tokens=32")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}: generation makes at least "
+                              "one token (for the prompt's logits alone call the model: model(**batch).logits)")
+    return int(max_new_tokens)
+
+
+def check_context(prompt_tokens: Optional[int], max_new_tokens: int, context: Optional[int]) -> None:
+    """One GenerationError, before any work, when ``prompt_tokens + max_new_tokens`` positions exceed ``context``
+    (the model's ``max_position_embeddings``; None: no limit known). ``prompt_tokens=None``: the prompt is not
+    built yet, so only ``max_new_tokens`` (which leaves room for at least one prompt token) is checked."""
+    if context is None:
+        return
+    if prompt_tokens is None:
+        if max_new_tokens >= context:
+            raise GenerationError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} "
+                                  f"positions (max_position_embeddings), which also holds the prompt: ask for at most "
+                                  f"{context - 1} new tokens, fewer the longer the prompt")
+        return
+    total = prompt_tokens + max_new_tokens
+    if total > context:
+        room = context - prompt_tokens
+        fix = (f"ask for at most {room} new tokens, or shorten the prompt" if room >= 1 else
+               f"shorten the prompt by at least {1 - room} tokens (shorter text, fewer or smaller images)")
+        raise GenerationError(f"the prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+                              f"{total} positions, over the model's context of {context} (max_position_embeddings); "
+                              f"{fix}")
+
+
+def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+    """One clear error for sampling settings :func:`generate` cannot use."""
+    if do_sample and temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -56,14 +104,13 @@ def generate(model, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.
     ``model(input_ids=…, inputs_embeds=…, attention_mask=…, cache=…, num_logits_to_keep=1) → (logits, cache)``;
     it gets a static cache from ``model.new_cache(max_len)`` when it has that method, else ``cache=None`` at the
     prefill and whatever it returned afterwards. EOS defaults to ``model.config.eos_token_id``, pad to EOS.
+    ``max_new_tokens`` ≥ 1, and prompt + new tokens within ``model.config.max_position_embeddings`` when the model
+    has one (:func:`check_new_tokens`, :func:`check_context`: one clear error before the prefill).
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    max_new_tokens = check_new_tokens(max_new_tokens)
+    check_sampling(do_sample, temperature, top_p)
     B, T = inputs_embeds.shape[:2]
+    check_context(T, max_new_tokens, getattr(getattr(model, "config", None), "max_position_embeddings", None))
     device = inputs_embeds.device
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "config", None), "eos_token_id", None)
@@ -72,8 +119,6 @@ def generate(model, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.
                        dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-    if max_new_tokens == 0:
-        return out
     mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
         else attention_mask.to(device=device, dtype=torch.long)
     cache = model.new_cache(T + max_new_tokens) if hasattr(model, "new_cache") else None

@@ -24,12 +24,18 @@ import torch
 from torch import nn
 
 from vl2lab.model.config import VL2Config, get_config
-from vl2lab.model.generation import generate
+from vl2lab.model.generation import check_context, check_new_tokens, check_sampling, generate
 from vl2lab.model.graph_decode import decoder_for
 from vl2lab.model.language import DeepseekLanguageModel
 from vl2lab.model.vision import Projector, build_vision_tower, encode_tiles, image_token_count, layout_images
 
-__all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model"]
+__all__ = ["DeepseekVL2ForCausalLM", "VL2Output", "build_model", "GENERATE_ARGS", "DECODE_MODES"]
+
+DECODE_MODES = ("eager", "graph", "compile")
+# What DeepseekVL2ForCausalLM.generate takes: the processor's batch (VL2Batch keys), then the settings.
+GENERATE_ARGS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop", "labels",
+                 "max_new_tokens", "do_sample", "temperature", "top_p", "eos_token_id", "pad_token_id", "generator",
+                 "ignore_eos", "decode")
 
 
 @dataclass
@@ -130,14 +136,29 @@ class DeepseekVL2ForCausalLM(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, ignore_eos: bool = False, decode: str = "eager",
-                 **ignored) -> torch.Tensor:
+                 labels: Optional[torch.Tensor] = None, **unknown) -> torch.Tensor:
         """New token ids [B, max_new_tokens] (pad after EOS). EOS defaults to the config's, pad to the processor's
         pad id when the model was loaded with one, else to EOS.
 
+        Takes the processor's batch as ``**batch`` (``labels``, present in a training batch, is not used) and the
+        settings below; any other keyword is a TypeError. Before any work (the vision pass included) it checks
+        ``max_new_tokens`` (a whole number ≥ 1) and that prompt + new tokens fit the context
+        (``language_config.max_position_embeddings``): :class:`~vl2lab.model.generation.GenerationError`.
+
         ``decode``: ``"eager"`` (a Python loop of forwards), or greedy through a static step replayed as a CUDA graph
         (``"graph"``; ``"compile"`` adds torch.compile): same tokens, see :mod:`vl2lab.model.graph_decode`."""
-
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; it "
+                            f"takes {', '.join(GENERATE_ARGS)}")
+        del labels                                                  # a training batch's: not used here
         lm_cfg = self.config.language_config
+        max_new_tokens = check_new_tokens(max_new_tokens)
+        check_sampling(do_sample, temperature, top_p)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r}: choose {', '.join(map(repr, DECODE_MODES))}")
+        if decode != "eager" and do_sample:
+            raise ValueError(f"decode={decode!r} is greedy only; use decode='eager' for sampling")
+        check_context(int(input_ids.shape[-1]), max_new_tokens, lm_cfg.max_position_embeddings)
         eos = lm_cfg.eos_token_id if eos_token_id is None else eos_token_id
         pad = pad_token_id
         if pad is None:
@@ -148,8 +169,6 @@ class DeepseekVL2ForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         if decode != "eager":
-            if do_sample:
-                raise ValueError(f"decode={decode!r} is greedy only; use decode='eager' for sampling")
             B, T = input_ids.shape
             dec = decoder_for(self.language, B, T + max_new_tokens, embeds.device, decode, eos, pad, ignore_eos)
             return dec.generate(embeds, attention_mask, max_new_tokens)

@@ -13,6 +13,10 @@ import os
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: imported later (transformers' model code does), it captures
+# the live default group in its functions' default arguments, so destroy_process_group cannot free it and gloo's
+# threads die at interpreter exit ("terminate called without an active exception", SIGABRT at teardown).
+import torch.distributed.nn  # noqa: F401
 
 __all__ = ["rank", "world_size", "local_rank", "is_main", "rank_print", "device", "barrier", "rank_world"]
 

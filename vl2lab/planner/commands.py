@@ -11,7 +11,7 @@ import shlex
 from vl2lab.model.config import REAL_PRESETS
 from vl2lab.parallel.plan import vision_mode
 
-__all__ = ["vl2lab_lines", "vllm_lines", "sglang_lines", "multinode_lines"]
+__all__ = ["vl2lab_lines", "vllm_lines", "sglang_lines", "multinode_lines", "default_model", "engine_note"]
 
 _VLLM_ARCH = '\'{"architectures": ["DeepseekVLV2ForCausalLM"]}\''
 
@@ -37,9 +37,31 @@ def _gen_args(p, lay, model, image, prompt) -> str:
             f"--max-new-tokens {s['new_tokens']}{imgs} --prompt {shlex.quote(prompt)}")
 
 
+def default_model(name: str) -> tuple[str, list[str]]:
+    """(--model of the vl2lab command, comment lines) for variant ``name`` when no folder is given: vl2-micro and
+    the random-* presets are names vl2lab.serve.generate loads as such; a real variant is the folder its Hub
+    snapshot was downloaded to (a placeholder: as a preset name it would mean random weights of full size)."""
+    if name == "vl2-micro":
+        return name, ["# --model vl2-micro: the trained snapshot shipped with vl2lab (vl2lab/assets/vl2-micro)"]
+    if name not in REAL_PRESETS:
+        return name, [f"# --model {name}: random weights (seed 0), so the answer is meaningless text; the layout "
+                      "and the memory are real"]
+    return f"/path/to/{name}", [f"# /path/to/{name}: the folder you downloaded deepseek-ai/{name} to from the "
+                                "Hugging Face Hub (config.json, *.safetensors, tokenizer files)"]
+
+
+def engine_note(name: str) -> list[str]:
+    """Comment lines above the vLLM and SGLang commands of a variant that is not on the Hugging Face Hub."""
+    if name in REAL_PRESETS:
+        return []
+    where = "vl2lab/assets/vl2-micro, shipped with vl2lab" if name == "vl2-micro" else "saved by vl2lab.save_pretrained"
+    return [f"# {name} is vl2lab's own model, not on the Hugging Face Hub, and untested in vLLM/SGLang; "
+            f"/path/to/{name} = its snapshot folder ({where})"]
+
+
 def _hub(p) -> str:
-    """The Hugging Face id of a real variant; a local folder for the random presets (not on the Hub)."""
-    return f"deepseek-ai/{p.cfg.name}" if p.cfg.name in REAL_PRESETS else f"./{p.cfg.name}"
+    """The Hugging Face id of a real variant; a snapshot folder placeholder for vl2lab's own models."""
+    return f"deepseek-ai/{p.cfg.name}" if p.cfg.name in REAL_PRESETS else f"/path/to/{p.cfg.name}"
 
 
 def _per_node(p, by_node: dict, suffix_many: str = " &", closing: str | None = "wait") -> list[str]:

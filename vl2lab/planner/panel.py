@@ -15,6 +15,7 @@ from vl2lab.workbook.widgets import show
 __all__ = ["panel", "show_planner", "report"]
 
 
+_VARIANTS = (("tiny", "deepseek-vl2-tiny"), ("small", "deepseek-vl2-small"), ("base", "deepseek-vl2"))
 _GPU_GB = (16, 24, 32, 40, 48, 80, 94, 141, 192)
 _SIZES = ("384x384", "768x768", "1152x1152", "1024x768", "1920x1080", "384x3456")
 _CONTEXTS = (("request length", None), ("2048", 2048), ("4096", 4096), ("8192", 8192))
@@ -42,8 +43,9 @@ def panel(**defaults):
     kw["vision"] = {"data_parallel": "dp"}.get(kw["vision"], kw["vision"])
     size = "{}x{}".format(*parse_image_size(kw["image_size"]))
     opts = lambda seq, v: list(seq) + ([v] if v not in seq else [])
-    c = {"variant": W.Dropdown(options=[("tiny", "deepseek-vl2-tiny"), ("small", "deepseek-vl2-small"),
-                                        ("base", "deepseek-vl2")], value=kw["variant"], description="variant"),
+    known = kw["variant"] in dict(_VARIANTS).values()  # else vl2-micro or random-*: its own entry
+    variants = list(_VARIANTS) + ([] if known else [(kw["variant"], kw["variant"])])
+    c = {"variant": W.Dropdown(options=variants, value=kw["variant"], description="variant"),
          "dtype": W.Dropdown(options=DTYPES, value=kw["dtype"], description="dtype"),
          "gpu_gb": W.Dropdown(options=opts(_GPU_GB, kw["gpu_gb"]), value=kw["gpu_gb"], description="GPU GB"),
          "n_gpus": W.IntSlider(value=kw["n_gpus"], min=1, max=max(16, kw["n_gpus"]), description="GPUs"),

@@ -4,18 +4,20 @@
 bytes per GPU with :mod:`vl2lab.planner.layouts` (no maths of its own) for one GPU and for every legal layout of the
 GPUs, picks one, and writes the commands that run it (:mod:`vl2lab.planner.commands`: vl2lab, vLLM, SGLang).
 :mod:`vl2lab.planner.panel` is the notebook's interactive form of the same thing; ``python -m vl2lab plan`` its
-command line (:func:`cli`).
+command line (:mod:`vl2lab.planner.cli`).
 
 Request length (what one sequence holds), from :func:`vl2lab.inputs.tiling.image_layout`::
 
     L = n_images · N_img + text_tokens + new_tokens      N_img = 421 (1 tile) … 2101 (1×9 tiles); with ≥ 3
-                                                          images no image is tiled: 421 each (official rule)
+                                                          images no image is tiled: 421 each (official rule);
+                                                          the variant's own tile geometry (vl2-micro: 145 … 721)
 
 L must fit the context (4096, the trained length). KV cache and activations are sized for ``context`` tokens
 per sequence (what a server with ``--max-model-len context`` must hold for a full-length request), or for L
 when ``context=None``. Per GPU: total = weights + KV + activations ≤ usable = gpu · (1 − margin) − 0.5 GB, the
 activations being one prefill of every in-flight sequence at full length (an upper bound: servers chunk it).
 ``gpu_gb`` is read as 10⁹ bytes, which is conservative: an "80 GB" A100/H100 has 80 GiB = 85.9·10⁹ bytes.
+Parameter counts print with the unit that fits (3.37B, 3.29M: :func:`vl2lab.planner.sizing.format_count`).
 
 A layout is (tp, ep, dp, moe) with tp·dp = n_gpus: dp replicas of a tp-rank group; moe="tp" splits every
 expert by width over the group, moe="ep" places whole experts, over the group (ep = tp) or over all GPUs
@@ -26,23 +28,30 @@ Lesson: notebook 01, section "5. Will it fit? The planner".
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import math
 from dataclasses import dataclass, field
 
 from vl2lab.inputs.tiling import image_layout
 from vl2lab.model.config import ConfigError, get_config, preset_name
 from vl2lab.parallel.plan import vision_mode
 from vl2lab.planner import layouts as L
-from vl2lab.planner.commands import multinode_lines, sglang_lines, vl2lab_lines, vllm_lines
-from vl2lab.planner.sizing import CUDA_CONTEXT_BYTES, format_table, gb, param_counts
+from vl2lab.planner.commands import (default_model, engine_note, multinode_lines, sglang_lines, vl2lab_lines,
+                                     vllm_lines)
+from vl2lab.planner.sizing import CUDA_CONTEXT_BYTES, format_count, format_table, gb, param_counts
 
 DTYPES = ("bfloat16", "float16", "float32")
+# what `variant` accepts (vl2lab.model.config.preset_name; case-insensitive, a deepseek-ai/ prefix is dropped)
+VARIANTS = ("tiny", "small", "base", "deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2", "deepseek-vl2-base",
+            "vl2-micro", "random-tiny", "random-small", "random-base")
 
 
 class PlanError(ValueError):
-    """A workload the planner cannot size (the message says what to change)."""
+    """A workload the planner cannot size (the message says what to change). ``arg``: the :func:`plan` keyword
+    the message starts with, when one value alone is wrong (the command line names its option instead)."""
+
+    def __init__(self, message: str, arg: str | None = None):
+        super().__init__(message)
+        self.arg = arg
 
 
 def parse_image_size(size) -> tuple[int, int]:
@@ -51,9 +60,9 @@ def parse_image_size(size) -> tuple[int, int]:
         w, h = (size.lower().replace("×", "x").split("x") if isinstance(size, str) else size)
         w, h = int(w), int(h)
     except (ValueError, TypeError, AttributeError):
-        raise PlanError(f"image size {size!r} is not WIDTHxHEIGHT (e.g. 768x768 or (768, 768))") from None
+        raise PlanError(f"image_size {size!r} is not WIDTHxHEIGHT (e.g. 768x768 or (768, 768))", "image_size") from None
     if w < 1 or h < 1:
-        raise PlanError(f"image size {w}x{h}: both sides must be at least 1 pixel")
+        raise PlanError(f"image_size {w}x{h}: both sides must be at least 1 pixel", "image_size")
     return w, h
 
 
@@ -89,7 +98,7 @@ class Plan:
                f"passes, {r['image_tokens']} tokens each" if s["images_per_prompt"] else "no image")
         rows = ([_fmt(self.single, "1 GPU")] if s["n_gpus"] > 1 else []) + \
             [_fmt(x, "* pick" if x is self.recommended else "") for x in self.layouts]
-        lines = [f"{self.cfg.name}: {c['total'] / 1e9:.2f}B parameters ({c['activated'] / 1e9:.2f}B activated), "
+        lines = [f"{self.cfg.name}: {format_count(c['total'])} parameters ({format_count(c['activated'])} activated), "
                  f"{s['dtype']}",
                  f"GPUs: {s['n_gpus']} x {s['gpu_gb']:g} GB, usable {gb(self.usable):.2f} GB each "
                  f"(= {s['gpu_gb']:g} x {1 - s['margin']:g} - {gb(CUDA_CONTEXT_BYTES):g} CUDA context)",
@@ -113,15 +122,19 @@ class Plan:
 
     def commands(self, layout: dict | None = None, model_path: str | None = None, image: str = "image.jpg",
                  prompt: str = "Describe this image.") -> dict:
-        """Shell lines ({"vl2lab", "vllm", "sglang"[, "multinode"]}) for ``layout`` (default: the pick)."""
+        """Shell lines ({"vl2lab", "vllm", "sglang"[, "multinode"]}) for ``layout`` (default: the pick).
+        ``model_path``: the vl2lab command's --model (default: ``vl2-micro`` / the ``random-*`` preset name, which
+        vl2lab.serve.generate loads as such; ``/path/to/<variant>`` with a comment for the real variants)."""
         lay = layout or self.recommended
         if lay is None:
             raise PlanError("no layout fits, so there is nothing to launch; " + self.request["hint"])
-        model = model_path or f"./{self.cfg.name}"
-        out = {"vl2lab": vl2lab_lines(self, lay, model, image, prompt), "vllm": vllm_lines(self, lay),
-               "sglang": sglang_lines(self, lay)}
+        model, note = (model_path, []) if model_path else default_model(self.cfg.name)
+        eng = engine_note(self.cfg.name)
+        out = {"vl2lab": note + vl2lab_lines(self, lay, model, image, prompt), "vllm": eng + vllm_lines(self, lay),
+               "sglang": eng + sglang_lines(self, lay)}
         if self.settings["n_gpus"] > self.settings["gpus_per_node"]:
-            out["multinode"] = multinode_lines(self, lay, model, image, prompt)
+            mn = multinode_lines(self, lay, model, image, prompt)
+            out["multinode"] = (note if any(x.startswith("torchrun") for x in mn) else []) + mn
         return out
 
     def commands_text(self, layout: dict | None = None, **kw) -> str:
@@ -177,34 +190,40 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
     many such GPUs one copy needs."""
     try:
         cfg = get_config(preset_name(variant))
-    except ConfigError as e:
-        raise PlanError(str(e)) from None
+    except ConfigError:
+        raise PlanError(f"variant {variant!r}: unknown DeepSeek-VL2 variant; use one of {', '.join(VARIANTS)} (or a "
+                        "deepseek-ai/... Hub id)", "variant") from None
     if dtype not in DTYPES:
-        raise PlanError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise PlanError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}", "dtype")
     try:
         vis = vision_mode(vision)
     except ValueError:
-        raise PlanError(f"vision {vision!r}: use replicated, dp or tp") from None
+        raise PlanError(f"vision {vision!r}: use replicated, dp or tp", "vision") from None
     moe_modes = tuple(moe_modes)
     if not moe_modes or any(m not in ("tp", "ep") for m in moe_modes):
-        raise PlanError(f"moe_modes {moe_modes!r}: use ('tp',), ('ep',) or ('tp', 'ep')")
+        raise PlanError(f"moe_modes {moe_modes!r}: use ('tp',), ('ep',) or ('tp', 'ep')", "moe_modes")
     moe_modes = tuple(m for m in ("tp", "ep") if m in moe_modes)
     for name, v, lo in (("n_gpus", n_gpus, 1), ("batch", batch, 1), ("images_per_prompt", images_per_prompt, 0),
                         ("text_tokens", text_tokens, 0), ("new_tokens", new_tokens, 0),
                         ("gpus_per_node", gpus_per_node, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise PlanError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if not (isinstance(gpu_gb, (int, float)) and gpu_gb > 0) or not 0 <= margin < 1:
-        raise PlanError(f"gpu_gb must be > 0 and margin in [0, 1); got gpu_gb={gpu_gb!r}, margin={margin!r}")
+            raise PlanError(f"{name} must be an integer >= {lo}, got {v!r}", name)
+    if isinstance(gpu_gb, bool) or not isinstance(gpu_gb, (int, float)) or not (0 < gpu_gb < math.inf):
+        raise PlanError(f"gpu_gb must be a finite number > 0 (GB = 10^9 bytes per GPU), got {gpu_gb!r}", "gpu_gb")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise PlanError(f"margin must be a fraction in [0, 1) (the share of each GPU kept free), got {margin!r}",
+                        "margin")
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
+        raise PlanError(f"context must be a positive integer or None, got {context!r}", "context")
     w, h = parse_image_size(image_size)
-    lay = image_layout(w, h, n_images=max(images_per_prompt, 1))
+    geo = dict(candidate_resolutions=cfg.candidate_resolutions, image_size=cfg.vision_config.image_size,
+               patch_size=cfg.vision_config.patch_size, downsample_ratio=cfg.projector_config.downsample_ratio)
+    lay = image_layout(w, h, n_images=max(images_per_prompt, 1), **geo)  # vl2-micro: 24-px patches, 145/tile
     n_img_tok = images_per_prompt * lay["tokens"]
     seq_len = n_img_tok + text_tokens + new_tokens
     trained = cfg.language_config.max_position_embeddings
     cap = context or trained
     warnings = []
-    if context is not None and (not isinstance(context, int) or context < 1):
-        raise PlanError(f"context must be a positive integer or None, got {context!r}")
     if cap > trained:
         warnings.append(f"context {cap} exceeds the trained {trained} tokens (the model card says 8192 'might "
                         "work'; quality is not guaranteed)")
@@ -212,7 +231,7 @@ def plan(variant: str = "deepseek-vl2-small", dtype: str = "bfloat16", gpu_gb: f
         raise PlanError(
             f"the request needs {seq_len} tokens ({images_per_prompt} x {lay['tokens']} image tokens for "
             f"{w}x{h} + {text_tokens} text + {new_tokens} new) but the context is {cap}; use fewer or smaller "
-            f"images (with 3 or more images each costs {image_layout(w, h, 3)['tokens']}), fewer new tokens, or "
+            f"images (with 3 or more images each costs {image_layout(w, h, 3, **geo)['tokens']}), fewer new tokens, or "
             f"a larger context (above {trained} is untested)")
     planned = context or seq_len
     tiles = images_per_prompt * lay["vit_passes"]
@@ -264,50 +283,3 @@ def _hint(cfg, usable, work, gpu_gb) -> str:
             except ValueError:
                 continue
     return "no tensor-parallel size up to 256 fits: use larger GPUs, a smaller batch or a shorter context"
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def cli(argv=None) -> int:
-    """``python -m vl2lab plan ...``: print the table and the commands (or ``--json``)."""
-    ap = argparse.ArgumentParser(prog="python -m vl2lab plan",
-                                 description="Will DeepSeek-VL2 fit these GPUs, and how to split it.")
-    ap.add_argument("--variant", default="small", help="tiny | small | base (or a full preset name)")
-    ap.add_argument("--gpus", type=int, default=4, help="number of GPUs")
-    ap.add_argument("--gpu-gb", type=float, default=80, help="memory per GPU, GB")
-    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    ap.add_argument("--batch", type=int, default=1, help="sequences in flight (whole deployment)")
-    ap.add_argument("--images", type=int, default=1, help="images per prompt")
-    ap.add_argument("--image-size", default="768x768", help="WIDTHxHEIGHT of each image")
-    ap.add_argument("--context", default="4096", help="tokens per sequence to size for, or 'request'")
-    ap.add_argument("--text-tokens", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--moe-modes", default="tp,ep", help="tp,ep | tp | ep")
-    ap.add_argument("--vision", default="replicated", choices=("replicated", "dp", "tp"))
-    ap.add_argument("--margin", type=float, default=0.10)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--tp", type=int, help="print the commands of this layout instead of the pick")
-    ap.add_argument("--moe", choices=("tp", "ep"), default="tp", help="with --tp: how the experts are split")
-    ap.add_argument("--model-path", help="local snapshot folder for the vl2lab command")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of text")
-    a = ap.parse_args(argv)
-    try:
-        ctx = None if a.context in ("request", "none", "None") else int(a.context)
-    except ValueError:
-        print(f"vl2lab plan: error: --context {a.context!r} is not an integer or 'request'", file=sys.stderr)
-        return 2
-    try:
-        p = plan(a.variant, a.dtype, a.gpu_gb, a.gpus, a.batch, a.images, a.image_size, ctx,
-                 tuple(m.strip() for m in a.moe_modes.split(",") if m.strip()), a.vision, a.margin,
-                 text_tokens=a.text_tokens, new_tokens=a.new_tokens, gpus_per_node=a.gpus_per_node)
-        lay = p.layout(a.tp, a.moe) if a.tp else None
-        if a.json:
-            d = p.to_dict()
-            d["commands"] = p.commands(lay, a.model_path) if (lay or p.recommended) else None
-            print(json.dumps(d, indent=1, sort_keys=True))
-        else:
-            print(p.table() + "\n\n" + p.commands_text(lay, model_path=a.model_path))
-    except PlanError as e:
-        print(f"vl2lab plan: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -38,6 +38,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def format_count(n: float, digits: int = 2) -> str:
+    """A parameter (or any) count with the unit that fits: 917 → "917", 3_285_696 → "3.29M",
+    3_370_501_440 → "3.37B" (K = 10³, M = 10⁶, B = 10⁹, T = 10¹²)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale * (1 - 0.5 * 10 ** -digits):  # 999_999_999 → "1.00B", not "1000.00M"
+            return f"{n / scale:.{digits}f}{unit}"
+    return f"{n:g}"
+
+
 def check_config(cfg) -> None:
     if not isinstance(cfg, VL2Config):
         raise TypeError(f"expected a VL2Config (vl2lab.model.config.get_config(name)), got {type(cfg).__name__}")

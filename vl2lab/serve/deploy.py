@@ -8,6 +8,7 @@ the answer, this rank's memory, the collectives of one decode step and the timin
 """
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -19,34 +20,98 @@ import torch
 import torch.distributed as dist
 
 from vl2lab.inputs.tiling import open_image
-from vl2lab.model.config import PRESETS
+from vl2lab.model.config import PRESETS, REAL_PRESETS, ConfigError, get_config, preset_name
 from vl2lab.model.dtypes import as_dtype
+from vl2lab.model.generation import check_context, check_new_tokens
 from vl2lab.parallel.comm import CommCounter, comm_modules, describe_rank, param_bytes
 from vl2lab.parallel.groups import barrier, rank_world
 from vl2lab.parallel.groups import device as rank_device
 from vl2lab.parallel.load import load_sharded
-from vl2lab.weights.pretrained import make_random_snapshot, shipped_micro
+from vl2lab.parallel.plan import check_plan, model_shapes
+from vl2lab.weights.pretrained import load_processor, make_random_snapshot, read_config, shipped_micro
 
-__all__ = ["deploy", "is_preset", "snapshot_for", "cleanup_snapshot", "forward_intervals", "peak_memory", "sync"]
+__all__ = ["deploy", "DeployError", "resolve_model", "check_request", "random_note", "is_preset", "snapshot_for",
+           "cleanup_snapshot", "forward_intervals", "peak_memory", "sync", "MODEL_NAMES"]
+
+# The names a model may be given by, besides a snapshot folder: the shipped snapshot, then the presets.
+MODEL_NAMES = ("vl2-micro",) + tuple(p for p in PRESETS if p != "vl2-micro")
 
 
-def is_preset(model: str) -> bool:
+class DeployError(ValueError):
+    """A deployment request that cannot run (the message says what is wrong and what to do)."""
+
+
+def _kind(model) -> tuple[str, str]:
+    """("folder" | "shipped" | "preset", folder or canonical preset name), without touching the shipped files."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise DeployError(f"the model must be a snapshot folder or a name, got {type(model).__name__}")
+    m = os.fspath(model)
+    if os.path.isdir(m):
+        return "folder", m
+    try:
+        name = preset_name(m)
+    except ConfigError:
+        raise DeployError(f"{m!r} is neither a snapshot folder nor a known model name; the names are "
+                          f"{', '.join(MODEL_NAMES)} (vl2-micro: the trained snapshot shipped with vl2lab; the others "
+                          "make random weights; aliases tiny, small, base); or give the path of a snapshot folder "
+                          "(config.json + *.safetensors)") from None
+    return ("shipped", name) if name == "vl2-micro" else ("preset", name)
+
+
+def resolve_model(model) -> tuple[str, str]:
+    """What ``model`` names, the same everywhere in vl2lab (:func:`vl2lab.load_pretrained`, the planner, the
+    benchmarks): ``("folder", path)`` for an existing folder, ``("shipped", folder)`` for ``"vl2-micro"`` (the
+    trained snapshot in vl2lab/assets), ``("preset", canonical name)`` for a preset, an alias (``tiny``) or a hub id
+    (``deepseek-ai/deepseek-vl2-tiny``): random weights of that preset. Anything else: one DeployError."""
+    kind, where = _kind(model)
+    return (kind, shipped_micro()) if kind == "shipped" else (kind, where)
+
+
+def is_preset(model) -> bool:
     """Whether ``model`` names a preset (random weights) rather than a snapshot folder. ``"vl2-micro"`` is not
     one: it means the trained snapshot shipped with vl2lab, as in :func:`vl2lab.load_pretrained`."""
-    return not os.path.isdir(model) and model in PRESETS and model != "vl2-micro"
+    try:
+        return _kind(model)[0] == "preset"
+    except DeployError:
+        return False
+
+
+def check_request(model, world_size: int = 1, moe: str = "tp", vision: str = "replicated",
+                  max_new_tokens: int = 32, image_path: Optional[str] = None) -> dict:
+    """Everything about a request that can be checked before any weight is made or read, each failure one clear
+    error: ``max_new_tokens`` (TypeError / GenerationError), the model name (DeployError), the picture
+    (ProcessorError), the config (CheckpointError), ``max_new_tokens`` against its context (GenerationError) and the
+    split over ``world_size`` ranks (ShardingError). → {"kind", "where", "config", "image", "max_new_tokens"}."""
+    max_new_tokens = check_new_tokens(max_new_tokens)
+    kind, where = resolve_model(model)
+    image = open_image(image_path) if image_path else None
+    cfg = get_config(where) if kind == "preset" else read_config(where)
+    check_context(None, max_new_tokens, cfg.language_config.max_position_embeddings)
+    check_plan(cfg, world_size, moe, vision)
+    return {"kind": kind, "where": where, "config": cfg, "image": image, "max_new_tokens": max_new_tokens}
+
+
+def random_note(model, name: str, config, seed: int = 0) -> str:
+    """The line that says a preset's weights are random (and, for a real variant, where the real ones come from)."""
+    n = sum(math.prod(s) for s in model_shapes(config).values())
+    what = f"{model!r} is a preset" if os.fspath(model) == name else f"{model!r} names the preset {name!r}"
+    size = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    out = f"note: {what}: the weights are random (seed {seed}, {size} parameters), so the answer is meaningless text"
+    if name in REAL_PRESETS:
+        out += f"; for the published weights, download deepseek-ai/{name} and pass its folder"
+    return out
 
 
 def snapshot_for(model: str, seed: int = 0, group=None) -> tuple[str, bool]:
-    """(snapshot folder, made here): a folder as is; a preset → random weights saved by rank 0 in a temp dir
-    (split into several files), the path broadcast to every rank."""
-    if model == "vl2-micro" and not os.path.isdir(model):
-        return shipped_micro(), False
-    if not is_preset(model):
-        return model, False
+    """(snapshot folder, made here): a folder as is, ``"vl2-micro"`` the shipped one; a preset → random weights
+    saved by rank 0 in a temp dir (split into several files), the path broadcast to every rank."""
+    kind, where = resolve_model(model)
+    if kind != "preset":
+        return where, False
     rank, world = rank_world(group)
     path = [None]
     if rank == 0:
-        path[0] = make_random_snapshot(tempfile.mkdtemp(prefix=f"vl2lab-{model}-"), model, seed=seed,
+        path[0] = make_random_snapshot(tempfile.mkdtemp(prefix=f"vl2lab-{where}-"), where, seed=seed,
                                        max_shard_bytes=1 << 20)
     if world > 1:
         dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0) if group else 0, group=group)
@@ -88,28 +153,34 @@ def forward_intervals(module, device, store: list):
 def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: Optional[str] = None,
            moe: str = "tp", vision: str = "replicated", max_new_tokens: int = 32, dtype: str = "float32",
            seed: int = 0, device=None, group=None) -> dict:
-    """Load this rank's shard of ``snapshot_path`` (or of a preset's random weights), answer ``prompt`` about
-    ``image_path`` greedily, and return the answer text and tokens, this rank's memory (parameter bytes, bytes
-    read, peak RSS / CUDA) and timings (load, vision + embedding, prefill, decode; seconds)."""
+    """Load this rank's shard of ``snapshot_path`` (a folder, ``"vl2-micro"``, or a preset's random weights), answer
+    ``prompt`` about ``image_path`` greedily, and return the answer text and tokens, this rank's memory (parameter
+    bytes, bytes read, peak RSS / CUDA) and timings (load, vision + embedding, prefill, decode; seconds).
+
+    Bad input fails before any weight is made or read (:func:`check_request`), and a prompt too long for the
+    context before the load (the processor is read first)."""
     rank, world = rank_world(group)
     device = torch.device(device) if device is not None else rank_device()
-    image = open_image(image_path) if image_path else None          # a bad file fails before loading
+    req = check_request(snapshot_path, world, moe, vision, max_new_tokens, image_path)
+    max_new_tokens, image = req["max_new_tokens"], req["image"]
     import transformers.models.siglip.modeling_siglip  # noqa: F401  (imported before the load is timed)
     path, made = snapshot_for(snapshot_path, seed, group)
     try:
+        processor = load_processor(path, required=True)      # the snapshot needs its processor files to answer
+        user = {"role": "<|User|>", "content": prompt}
+        if image is not None:
+            user["content"] = "<image>\n" + prompt
+            user["images"] = [image]
+        batch = processor(conversation=[user, {"role": "<|Assistant|>", "content": ""}])
+        check_context(int(batch["input_ids"].shape[1]), max_new_tokens,
+                      req["config"].language_config.max_position_embeddings)
         t0 = time.perf_counter()
-        model, processor = load_sharded(path, group=group, moe=moe, vision=vision, dtype=dtype, device=device)
+        model, _ = load_sharded(path, group=group, moe=moe, vision=vision, dtype=dtype, device=device)
         sync(device)
         load_s = time.perf_counter() - t0
     finally:
         cleanup_snapshot(path, made, group)
-    if processor is None:
-        raise FileNotFoundError(f"{path} has no tokenizer.json: the snapshot needs its processor files to answer")
-    user = {"role": "<|User|>", "content": prompt}
-    if image is not None:
-        user["content"] = "<image>\n" + prompt
-        user["images"] = [image]
-    batch = processor(conversation=[user, {"role": "<|Assistant|>", "content": ""}]).to(device, as_dtype(dtype))
+    batch = batch.to(device, as_dtype(dtype))
     spans: list = []                                                 # [start, end] of each language forward
     hooks = forward_intervals(model.language, device, spans)
     try:

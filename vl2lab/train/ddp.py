@@ -12,12 +12,17 @@ vision tower learns at ``VISION_LR_MULT`` × the rate (0 freezes it, as after st
 
 **Checkpoints** (``out/checkpoint``, replaced atomically by a rename): the official snapshot layout
 (``save_pretrained`` on rank 0: config.json, model.safetensors in fp32, tokenizer, processor_config.json) plus
-``trainer_state.pt`` (step, AdamW moments, history, the run's arguments). ``resume=True`` continues from it, and
-refuses a checkpoint of another config or of other settings (``RESUME_KEYS``), which would not replay the same run.
+``trainer_state.pt`` (step, AdamW moments, history, the run's arguments: plain containers, numbers, strings and
+tensors only). ``resume=True`` continues from it, and refuses a checkpoint of another config or of other settings
+(``RESUME_KEYS``), which would not replay the same run. The state is read with ``torch.load(weights_only=True)``:
+a checkpoint copied from elsewhere is data, never code (a pickle that names any other class or function is refused
+with one clear error, before anything in it runs).
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import time
 from typing import Optional
@@ -35,10 +40,11 @@ from vl2lab.train.scenes import dialogues
 from vl2lab.train.tower import load_tower
 from vl2lab.weights.pretrained import CheckpointError, load_pretrained, save_pretrained
 
-__all__ = ["train", "TrainingError", "CURRICULUM", "QTYPE_WEIGHTS", "VISION_LR_MULT", "STATE", "RESUME_KEYS",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["train", "TrainingError", "CURRICULUM", "QTYPE_WEIGHTS", "VISION_LR_MULT", "STATE", "STATE_KEYS",
+           "RESUME_KEYS", "save_checkpoint", "read_state", "load_checkpoint"]
 
 STATE = "trainer_state.pt"
+STATE_KEYS = ("step", "optimizer", "history", "config", "args")   # what save_checkpoint writes into STATE
 RESUME_KEYS = ("seed", "n_train", "batch_size", "world_size", "steps", "lr", "warmup", "min_lr_ratio",
                "weight_decay", "grad_clip", "curriculum", "qtype_weights", "vision_lr_mult")
 CURRICULUM = ((0.0, 1), (0.1, 2), (0.25, 3))  # (from this fraction of the steps, scenes of at most k shapes)
@@ -61,6 +67,24 @@ def save_checkpoint(out: str, model, processor, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_state(fn: str) -> dict:
+    """The trainer state in ``fn``, unpickled with ``weights_only=True`` (containers, numbers, strings, tensors: no
+    class or function of the file is looked up, so none runs); anything else is one :class:`CheckpointError`."""
+    try:
+        state = torch.load(fn, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and set(STATE_KEYS) <= set(state) and all(
+            isinstance(state[k], dict) for k in ("optimizer", "config", "args"))
+        why = "" if ok else f"it holds a {type(state).__name__}, not a dict of {', '.join(STATE_KEYS)}"
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(e), re.S)   # torch's reason,
+        text = found.group(1) if found else (str(e).strip().splitlines() or [""])[0]  # not its "load it anyway"
+        state, why = None, f"{type(e).__name__}: {' '.join(text.split())}"
+    if why:
+        raise CheckpointError(f"{fn} is not a vl2lab trainer state (or was written by an older vl2lab): {why}. "
+                              "Nothing in it was run; start without --resume (resume=False) or delete it")
+    return state
+
+
 def load_checkpoint(out: str, cfg: VL2Config, args: dict) -> tuple:
     """(trainer state, fp32 state dict) of ``out/checkpoint``, checked against this run's config and args."""
     path = os.path.join(out, "checkpoint")
@@ -68,7 +92,7 @@ def load_checkpoint(out: str, cfg: VL2Config, args: dict) -> tuple:
     if not os.path.isfile(fn):
         raise CheckpointError(f"resume=True but {path} holds no checkpoint ({STATE} missing); start the run without "
                               "resume=True, or pass the out folder of the run you want to continue")
-    state = torch.load(fn, map_location="cpu", weights_only=False)
+    state = read_state(fn)
     mine, theirs = cfg.to_dict(), state["config"]
     diff = [f"{sec}.{k}: {theirs.get(sec, {}).get(k)!r} in the checkpoint, {v!r} now"
             for sec in ("vision_config", "projector_config", "language_config") for k, v in mine[sec].items()

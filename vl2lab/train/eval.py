@@ -23,17 +23,16 @@ from vl2lab.parallel import groups as vdist
 from vl2lab.train.loop import TrainingError
 from vl2lab.train.scenes import dataset
 from vl2lab.train.score import predict
-from vl2lab.weights.pretrained import CheckpointError, load_pretrained
+from vl2lab.weights.pretrained import check_processor_files, load_pretrained
 
 __all__ = ["shard_eval", "load_eval_model"]
 
 
 def load_eval_model(model_path: str, dtype: torch.dtype = torch.float32) -> tuple:
     """(model, processor) of a snapshot folder on this rank's device; one clear error if it has no tokenizer."""
-    model, processor = load_pretrained(model_path, dtype=dtype, device=vdist.device())
-    if processor is None:
-        raise CheckpointError(f"{model_path} has no tokenizer.json; shard_eval needs a complete snapshot folder")
-    return model, processor
+    if model_path != "vl2-micro":
+        check_processor_files(model_path, required=True)        # before any weight is read
+    return load_pretrained(model_path, dtype=dtype, device=vdist.device())
 
 
 def shard_eval(model_path: str, split: str = "eval", n: int = 200, batch_size: int = 8) -> Optional[dict]:

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "Source", "official_sources", "official_to_module", "state_tensors",
+__all__ = ["CheckpointError", "SnapshotWarning", "Source", "official_sources", "official_to_module", "state_tensors",
            "official_entries", "official_shapes", "IGNORED_PREFIXES"]
 
 IGNORED_PREFIXES = ("vision.attn_pool.",)
@@ -38,6 +38,10 @@ IGNORED_PREFIXES = ("vision.attn_pool.",)
 
 class CheckpointError(ValueError):
     """A snapshot folder vl2lab cannot load (the message says what is wrong and what to do)."""
+
+
+class SnapshotWarning(UserWarning):
+    """A snapshot that loads but is not whole or not sound: no processor files, or weights holding NaN/Inf."""
 
 
 _RULES = [

@@ -6,6 +6,12 @@ that does not match its config).
 Loading is lazy: the model is built with its parameters on the meta device (:func:`skeleton`), the snapshot is
 checked against it before any data is read (:func:`check_snapshot`), then each tensor is read from the
 memory-mapped file and assigned (:func:`materialise`), so peak memory is the model plus one tensor.
+
+Bad input fails once, before any weight is read, with one :class:`CheckpointError` that names the file and what to
+do: a missing folder, a config.json field of the wrong type, a corrupt tokenizer or processor config
+(:func:`read_config` parses them first), weights of another variant than config.json describes. A weights-only
+folder (no ``tokenizer.json``) loads with processor ``None`` and a :class:`SnapshotWarning`; weights holding NaN/Inf
+load with a :class:`SnapshotWarning` naming them (:class:`~vl2lab.weights.reader.SnapshotReader`).
 """
 from __future__ import annotations
 
@@ -14,24 +20,28 @@ import glob
 import json
 import os
 import tempfile
+import warnings
 from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vl2lab.inputs.processor import VL2Processor
-from vl2lab.inputs.tokenizer import build_tokenizer
-from vl2lab.model.config import ConfigError, VL2Config, preset_name
+from vl2lab.inputs.processor import ProcessorError, VL2Processor, check_processor_config
+from vl2lab.inputs.tokenizer import TokenizerError, build_tokenizer, check_tokenizer_files
+from vl2lab.model.config import PRESETS, ConfigError, ConfigFieldError, VL2Config, get_config, preset_name
 from vl2lab.model.dtypes import as_dtype
 from vl2lab.model.vl2 import DeepseekVL2ForCausalLM, build_model
-from vl2lab.weights.keys import (IGNORED_PREFIXES, CheckpointError, official_entries, official_sources,
-                                 state_tensors)
-from vl2lab.weights.reader import INDEX, SnapshotReader, check_source, module_tensor_from_official
+from vl2lab.weights.keys import (IGNORED_PREFIXES, CheckpointError, SnapshotWarning, official_entries,
+                                 official_sources, state_tensors)
+from vl2lab.weights.reader import INDEX, SnapshotReader, check_source, module_tensor_from_official, weight_sizes
 
-__all__ = ["CheckpointError", "save_pretrained", "load_pretrained", "make_random_snapshot", "project_processor",
-           "shipped_micro", "MICRO_DIR", "read_config", "skeleton", "check_snapshot", "materialise", "finish_load",
-           "load_processor"]
+__all__ = ["CheckpointError", "SnapshotWarning", "save_pretrained", "load_pretrained", "make_random_snapshot",
+           "project_processor", "shipped_micro", "MICRO_DIR", "read_config", "skeleton", "check_snapshot",
+           "materialise", "finish_load", "load_processor", "check_processor_files", "PROCESSOR_FILES"]
+
+# The files of a snapshot's processor (tokenizer + image settings), as the official snapshots ship them.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 
 
 # ----------------------------------------------------------------------------------------- save
@@ -109,22 +119,93 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
+def _not_a_folder(p: str) -> str:
+    """Why ``p`` cannot be read as a snapshot folder, and what to pass instead."""
+    want = "load_pretrained reads a snapshot folder (config.json + *.safetensors)"
+    if os.path.exists(p):
+        return f"{p!r} is a file, not a folder: {want}; pass the folder that holds it ({os.path.dirname(p) or '.'!r})"
+    hub_id = p.count("/") == 1 and not p.startswith(("/", ".", "~")) and not os.path.isdir(p.split("/")[0])
+    a_path = os.sep in p or "/" in p or p.startswith((".", "~"))
+    if a_path and not hub_id:                                       # a path (not "name" or "owner/name")
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(p)))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        return f"the folder {p!r} does not exist (the deepest existing folder on that path is {parent!r}): {want}"
+    try:
+        name = preset_name(p)
+    except ConfigError:
+        return (f"there is no folder {p!r} in {os.getcwd()}, and {p!r} is not a known variant name either; known "
+                f"presets: {', '.join(PRESETS)}. Pass the path of a downloaded snapshot folder: {want}")
+    return (f"{p!r} names the preset {name!r} but is not a folder: {want}. Pass the local folder of the "
+            f"downloaded snapshot, or make random weights with make_random_snapshot(path, {name!r})")
+
+
+def _no_tokenizer(path: str) -> str:
+    present = [f for f in PROCESSOR_FILES[1:] if os.path.isfile(os.path.join(path, f))]
+    why = (f"the download is incomplete ({', '.join(present)} came, tokenizer.json did not)" if present else
+           "a weights-only folder")
+    return (f"{path} has no tokenizer.json ({why}), so it has no processor to turn text and images into tokens. "
+            f"Copy {', '.join(PROCESSOR_FILES)} from the official snapshot of this variant into the folder (or save "
+            "the model with save_pretrained(model, path, processor=...))")
+
+
+def check_processor_files(path: str, required: bool = False) -> bool:
+    """True when ``path`` has a readable processor (tokenizer.json, processor_config.json); False when it has no
+    tokenizer.json (a weights-only folder; with ``required``, a CheckpointError). One CheckpointError naming the file
+    for a corrupt one. Cheap enough to run before any weight is read."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if required:
+            raise CheckpointError(_no_tokenizer(path))
+        return False
+    try:
+        check_tokenizer_files(path)
+        check_processor_config(path)
+    except (TokenizerError, ProcessorError) as e:
+        raise CheckpointError(str(e)) from None
+    return True
+
+
 def read_config(path) -> VL2Config:
+    """The snapshot's config. Also checks that its processor files parse, so that a corrupt tokenizer.json or
+    processor_config.json fails here, before any weight is read."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"load_pretrained needs a snapshot folder path, got {type(path).__name__}")
     p = os.fspath(path)
     if not os.path.isdir(p):
-        try:
-            name = preset_name(p)
-        except ConfigError as e:
-            raise CheckpointError(f"{p!r} is not a folder, and not a known variant either: {e}") from None
-        raise CheckpointError(f"{p!r} names the preset {name!r} but is not a folder: load_pretrained reads a "
-                              "snapshot folder (config.json + *.safetensors). Pass the local folder of the downloaded "
-                              f"snapshot, or make random weights with make_random_snapshot(path, {name!r})")
+        raise CheckpointError(_not_a_folder(p))
     try:
-        return VL2Config.from_pretrained(p)
+        cfg = VL2Config.from_pretrained(p)
+    except ConfigFieldError as e:
+        raise CheckpointError(str(e)) from None
     except ConfigError as e:
         raise CheckpointError(f"{p!r} is not a DeepSeek-VL2 snapshot: {e}") from None
+    check_processor_files(p)
+    return cfg
+
+
+def _config_sizes(cfg: VL2Config) -> dict:
+    lm, v = cfg.language_config, cfg.vision_config
+    return {"hidden_size": lm.hidden_size, "num_hidden_layers": lm.num_hidden_layers, "vocab_size": lm.vocab_size,
+            "n_routed_experts": lm.n_routed_experts if lm.is_moe else None,
+            "moe_intermediate_size": lm.moe_intermediate_size if lm.is_moe else None, "vision_config.width": v.width,
+            "vision_config.patch_size": v.patch_size, "vision_config.layers": v.layers}
+
+
+def _variant_clash(cfg: VL2Config, reader: SnapshotReader, symptom: str) -> Optional[str]:
+    """One error message when the weights are another variant than config.json describes, else None: a width
+    differs, or the weights have exactly a preset's sizes. (Counts alone — fewer layers — may be lost files.)"""
+    have, says = weight_sizes(reader), _config_sizes(cfg)
+    diff = [k for k in says if have[k] != says[k] and (have[k] is not None or k == "n_routed_experts")
+            and not (k == "moe_intermediate_size" and says[k] is None)]
+    like = [n for n in PRESETS if all(_config_sizes(get_config(n))[k] == have[k] for k in says)]
+    if not diff or not (like or set(diff) - {"num_hidden_layers", "n_routed_experts", "vision_config.layers"}):
+        return None
+    said, found = (", ".join(f"{k} {d[k] if d[k] is not None else 'none'}" for k in diff) for d in (says, have))
+    preset = f" (the sizes of the {like[0]} preset)" if like else ""
+    fix = f" (for {like[0]}: vl2lab.model.config.get_config({like[0]!r}).save(folder) writes it)" if like else ""
+    return (f"{reader.path}: the weights and config.json describe different variants: config.json says {said}; the "
+            f"weights have {found}{preset}, hence {symptom}. Put the config.json that came with these weights into the "
+            f"folder{fix}, or move the weights next to their own config.json; downloading again will not help")
 
 
 def check_snapshot(model: nn.Module, reader: SnapshotReader) -> list:
@@ -134,19 +215,24 @@ def check_snapshot(model: nn.Module, reader: SnapshotReader) -> list:
         needed.update(dict.fromkeys(official_sources(key, n_experts=t.shape[0] if t.dim() else 0).keys))
         plan.append((key, mod, attr, t, is_param))
     missing = [k for k in needed if k not in reader]
+    unexpected = [k for k in reader.keys() if k not in needed and not k.startswith(IGNORED_PREFIXES)]
+    bad = None if missing or unexpected else next((b for key, _, _, t, _ in plan if (b := check_source(
+        reader, key, official_sources(key, t.shape[0] if t.dim() else 0), list(t.shape)))), None)
+    symptom = (f"{len(missing)} tensor(s) missing, e.g. {missing[:2]}" if missing else f"{len(unexpected)} tensor(s) "
+               f"with no place in the model, e.g. {unexpected[:2]}" if unexpected else f"a wrong tensor shape: {bad}")
+    clash = (missing or unexpected or bad) and _variant_clash(model.config, reader, symptom)
+    if clash:
+        raise CheckpointError(clash)
     if missing:
         raise CheckpointError(f"{reader.path}: {len(missing)} tensor(s) missing, e.g. {missing[:5]}; the snapshot is "
-                              "incomplete or is another variant than its config.json says: download it again")
-    unexpected = [k for k in reader.keys() if k not in needed and not k.startswith(IGNORED_PREFIXES)]
+                              "incomplete: download its weight files again")
     if unexpected:
         raise CheckpointError(f"{reader.path}: {len(unexpected)} tensor(s) this model has no place for, e.g. "
                               f"{unexpected[:5]}; the config.json does not describe these weights (wrong config or "
                               "another model's files in the folder)")
-    for key, _, _, t, _ in plan:
-        bad = check_source(reader, key, official_sources(key, t.shape[0] if t.dim() else 0), list(t.shape))
-        if bad:
-            raise CheckpointError(f"wrong tensor shape in {reader.path}: {bad}; the weights do not match "
-                                  "config.json (another variant's config?)")
+    if bad:
+        raise CheckpointError(f"wrong tensor shape in {reader.path}: {bad}; the other tensors fit config.json, so "
+                              "the file is damaged or was edited: download it again")
     return plan
 
 
@@ -181,13 +267,14 @@ def skeleton(cfg: VL2Config) -> DeepseekVL2ForCausalLM:
 
 def finish_load(model: nn.Module, path, device):
     """After the weights are in place: non-persistent buffers (position ids) to ``device``, eval mode, the
-    snapshot's processor and its pad id → ``(model, processor)``."""
+    snapshot's processor and its pad id → ``(model, processor)`` (processor None, with a SnapshotWarning, for a
+    weights-only folder)."""
     for mod in model.modules():
         for n in mod._non_persistent_buffers_set:
             if mod._buffers.get(n) is not None:
                 mod._buffers[n] = mod._buffers[n].to(device)
     model.eval()
-    processor = load_processor(os.fspath(path))
+    processor = load_processor(os.fspath(path), stacklevel=3)          # the warning points at the loader's caller
     pad = getattr(processor, "pad_id", None)
     if pad is not None:
         model.pad_token_id = int(pad)
@@ -206,11 +293,20 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     return finish_load(model, path, device)
 
 
-def load_processor(path: str):
-    """The snapshot's processor, or None for a weights-only folder (no ``tokenizer.json``)."""
+def load_processor(path: str, required: bool = False, stacklevel: int = 2):
+    """The snapshot's processor. A weights-only folder (no ``tokenizer.json``) gives None and a SnapshotWarning that
+    says what to copy in (``stacklevel`` as for ``warnings.warn``), or with ``required`` a CheckpointError; a corrupt
+    processor file, a CheckpointError."""
+    path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if required:
+            raise CheckpointError(_no_tokenizer(path))
+        warnings.warn(_no_tokenizer(path) + "; the processor is None", SnapshotWarning, stacklevel=stacklevel + 1)
         return None
-    return VL2Processor.from_pretrained(path)
+    try:
+        return VL2Processor.from_pretrained(path)
+    except (TokenizerError, ProcessorError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 def make_random_snapshot(path: str, preset: str = "random-tiny", seed: int = 0,

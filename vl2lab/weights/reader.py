@@ -5,21 +5,28 @@ Lesson: notebook 04, section "1. What each rank holds".
 Files are memory-mapped by ``safe_open``; ``get_slice`` reads only the requested region, so peak memory is one
 tensor (or one slice) at a time. :func:`module_tensor_from_official` builds a module tensor from its official
 source(s) (:mod:`vl2lab.weights.keys`), with ``slices`` in module coordinates — what a per-rank loader needs.
+
+Every floating-point tensor read is checked for NaN/Inf (the sum of the tensor just read; the exact
+``torch.isfinite`` test only when that sum is not finite): about 1–2 ms per load of random-tiny or vl2-micro, some
+15 GB/s on bf16. Leaving the ``with`` block warns once (:class:`SnapshotWarning`) if any held them.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import json
+import math
 import os
+import re
+import warnings
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 
-from vl2lab.weights.keys import CheckpointError, Source, official_sources
+from vl2lab.weights.keys import CheckpointError, SnapshotWarning, Source, official_sources
 
-__all__ = ["SnapshotReader", "INDEX", "check_source", "module_tensor_from_official", "snapshot_bytes"]
+__all__ = ["SnapshotReader", "INDEX", "check_source", "module_tensor_from_official", "snapshot_bytes", "weight_sizes"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -42,11 +49,13 @@ def _slices(slices, shape) -> list[tuple[int, int]]:
 class SnapshotReader:
     """Lazy, read-only access to a snapshot's tensors by official key (files memory-mapped by ``safe_open``).
 
-    ``bytes_read`` counts the bytes of the tensors (or slices) handed out so far.
+    ``bytes_read`` counts the bytes of the tensors (or slices) handed out so far; ``nonfinite`` the keys of those
+    that held NaN or Inf (checked when ``check_finite``), reported by one warning when the ``with`` block ends.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check_finite: bool = True):
         self.path, self.bytes_read, self._files, self._where = str(path), 0, {}, {}
+        self.check_finite, self.nonfinite = check_finite, {}           # dict: the keys, in reading order
         index = os.path.join(self.path, INDEX)
         if os.path.isfile(index):
             try:
@@ -102,7 +111,22 @@ class SnapshotReader:
         sl = self._slice(key)
         t = sl[tuple(slice(a, b) for a, b in _slices(slices, sl.get_shape()))]
         self.bytes_read += t.numel() * t.element_size()
+        # NaN/Inf anywhere makes the sum non-finite (one reduction, ~3 µs on a small tensor); only then, or when
+        # the sum overflows, does the exact elementwise test run
+        if self.check_finite and t.is_floating_point() and not (math.isfinite(t.sum().item())
+                                                                or bool(torch.isfinite(t).all())):
+            self.nonfinite[key] = None
         return t if dtype is None else t.to(dtype)
+
+    def warn_nonfinite(self, stacklevel: int = 2) -> None:
+        """One SnapshotWarning naming the tensors read so far that hold NaN or Inf (none: nothing)."""
+        if self.nonfinite:
+            keys = list(self.nonfinite)
+            warnings.warn(f"{len(keys)} tensor(s) read from {self.path} hold NaN or Inf, e.g. {keys[:3]}: the model "
+                          "will compute NaN/Inf. The weight files are damaged (download them again) or were saved from a "
+                          "training run that diverged (take an earlier checkpoint)", SnapshotWarning,
+                          stacklevel=stacklevel + 1)
+            self.nonfinite = {}
 
     def close(self) -> None:
         for f in self._files.values():
@@ -113,7 +137,9 @@ class SnapshotReader:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:                                        # an error already says what went wrong
+            self.warn_nonfinite(stacklevel=3)
         self.close()
 
 
@@ -160,6 +186,30 @@ def module_tensor_from_official(reader: SnapshotReader, module_key: str, shape, 
         t = reader.get(src.keys[0], slices=sl)
     return t.to(device=device, dtype=dtype or t.dtype)
 
+
+def _count(keys, pattern: str) -> Optional[int]:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else None
+
+
+def weight_sizes(reader: SnapshotReader) -> dict:
+    """The config.json sizes the weights themselves show, read from key names and shapes only (no data):
+    vocab_size, hidden_size, num_hidden_layers, n_routed_experts, moe_intermediate_size and vision_config.width,
+    .patch_size, .layers; None where the weights do not tell (e.g. no routed experts)."""
+    keys, out = reader.keys(), dict.fromkeys(("vocab_size", "hidden_size", "vision_config.width",
+                                              "vision_config.patch_size"))
+    embed, patch = (reader.shape(k) if k in reader else [] for k in ("language.model.embed_tokens.weight",
+                                                                      "vision.patch_embed.proj.weight"))
+    if len(embed) == 2:
+        out["vocab_size"], out["hidden_size"] = embed
+    if len(patch) == 4:
+        out["vision_config.width"], out["vision_config.patch_size"] = patch[0], patch[2]
+    gate = re.compile(r"language\.model\.layers\.\d+\.mlp\.experts\.0\.gate_proj\.weight")
+    gate = next((k for k in keys if gate.fullmatch(k)), None)
+    return {**out, "num_hidden_layers": _count(keys, r"language\.model\.layers\.(\d+)\."),
+            "n_routed_experts": _count(keys, r"language\.model\.layers\.\d+\.mlp\.experts\.(\d+)\."),
+            "moe_intermediate_size": reader.shape(gate)[0] if gate else None,
+            "vision_config.layers": _count(keys, r"vision\.blocks\.(\d+)\.")}
 
 
 def snapshot_bytes(path: str) -> int:
