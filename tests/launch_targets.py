@@ -83,3 +83,8 @@ class Planted:
 def return_planted(marker):
     """Returns plain data with a Planted object inside: the launcher must never unpickle it."""
     return {"rank": vdist.rank(), "x": [1, Planted(marker)]}
+
+
+def torch_version():
+    """A value holding a str subclass (torch.__version__ is a TorchVersion): it comes back as a plain str."""
+    return {"torch": torch.__version__}

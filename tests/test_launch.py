@@ -463,3 +463,10 @@ def test_ranks_that_reported_but_cannot_exit_keep_their_results(tmp_path, monkey
     assert res.values == [10, 11]
     assert "every rank reported ok, but torchrun did not exit within 3 s" in capsys.readouterr().err
     _assert_all_gone(res.run_dir, 2)
+
+
+def test_a_str_subclass_comes_back_as_a_plain_str():
+    """torch.__version__ is a TorchVersion (a str subclass): the ranks send it as a plain str, which the
+    launcher's plain-data loader reads, instead of failing the rank."""
+    res = launch.run(T.torch_version, world_size=1, backend="gloo", timeout=LONG)
+    assert res[0]["torch"] == str(torch.__version__) and type(res[0]["torch"]) is str

@@ -115,9 +115,12 @@ def _start_watchdog() -> None:
 
 # ------------------------------------------------------------------------------------- rank helpers
 def _to_cpu(x):
-    """Tensors (also inside dicts, lists and tuples) → detached CPU tensors; everything else as is."""
+    """Tensors (also inside dicts, lists and tuples) → detached CPU tensors; a ``str`` subclass (``torch.__version__``
+    is a TorchVersion) → a plain ``str``, which the launcher's plain-data loader reads; everything else as is."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
+    if isinstance(x, str) and type(x) is not str:
+        return str(x)
     if isinstance(x, dict):
         out = {k: _to_cpu(v) for k, v in x.items()}
         try:
