@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import shutil
 import time
 from typing import Optional
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from vl2lab.launch.payload import refusal
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config
 from vl2lab.parallel import groups as vdist
@@ -74,14 +74,13 @@ def read_state(fn: str) -> dict:
         state = torch.load(fn, map_location="cpu", weights_only=True)
         ok = isinstance(state, dict) and set(STATE_KEYS) <= set(state) and all(
             isinstance(state[k], dict) for k in ("optimizer", "config", "args"))
-        why = "" if ok else f"it holds a {type(state).__name__}, not a dict of {', '.join(STATE_KEYS)}"
+        why = "" if ok else (f"it holds a {type(state).__name__}, not a dict of {', '.join(STATE_KEYS)} "
+                             "(nothing in it was run)")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(e), re.S)   # torch's reason,
-        text = found.group(1) if found else (str(e).strip().splitlines() or [""])[0]  # not its "load it anyway"
-        state, why = None, f"{type(e).__name__}: {' '.join(text.split())}"
+        state, why = None, refusal(fn, e)          # torch's reason, not its advice to load the file the unsafe way
     if why:
-        raise CheckpointError(f"{fn} is not a vl2lab trainer state (or was written by an older vl2lab): {why}. "
-                              "Nothing in it was run; start without --resume (resume=False) or delete it")
+        raise CheckpointError(f"{fn} is not a vl2lab trainer state (or was written by an older vl2lab): {why}; "
+                              "start without --resume (resume=False) or delete it")
     return state
 
 
