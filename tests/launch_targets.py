@@ -8,6 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from vl2lab.launch import progress
 from vl2lab.parallel import groups as vdist
 
 
@@ -20,6 +21,7 @@ def rank_info(scale=1.0, tensor=None, array=None, env_names=()):
     t = torch.tensor([float(vdist.rank())], device=vdist.device())
     dist.all_reduce(t)
     vdist.rank_print("hello from rank_info")
+    progress.report("checking the environment", 1, 1)
     return {
         "rank": vdist.rank(),
         "world_size": vdist.world_size(),

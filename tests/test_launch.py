@@ -138,6 +138,7 @@ def test_two_ranks_give_values_by_rank(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "[rank 0] hello from rank_info" in out and "[rank 1]" not in out  # stream: rank 0 only
     assert "[vl2lab]" in err and "ranks finished" in err  # progress line
+    assert Path(res.run_dir, "rank1.progress.json").exists()  # the ranks said what they were doing
     _assert_all_gone(res.run_dir, 2)
 
 

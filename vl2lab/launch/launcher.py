@@ -51,6 +51,7 @@ import psutil
 
 from vl2lab.launch.payload import kwargs_bytes
 from vl2lab.launch.processes import Launch, LogTail
+from vl2lab.launch.progress import Display
 from vl2lab.launch.results import (RankFailedError, RankResults, RankTimeoutError, collect_records,
                                    failure_message, timeout_message)
 
@@ -207,7 +208,7 @@ def _rank_env(nproc: int, run_dir: str, single_node: bool, omp_threads, extra) -
     os.makedirs(tmp, exist_ok=True)
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TMPDIR=tmp, PYTHONPATH=_pythonpath(),
                OMP_NUM_THREADS=str(omp_threads or max(1, (cpus or 1) // nproc)),
-               VL2LAB_LAUNCHER_PID=str(os.getpid()),
+               VL2LAB_LAUNCHER_PID=str(os.getpid()), VL2LAB_RUN_DIR=run_dir,
                VL2LAB_LAUNCHER_CTIME=repr(psutil.Process().create_time()))
     if single_node:  # every socket on loopback (``env=`` can still say otherwise)
         env.update(MASTER_ADDR=LOOPBACK, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")  # 1: rank 0 would listen on ::
@@ -226,12 +227,11 @@ def _reported(run_dir: str) -> int:
     return sum(n.endswith(".status.json") for n in os.listdir(run_dir))
 
 
-def _wait(launch: Launch, timeout, stream, progress_after, expected: int):
+def _wait(launch: Launch, timeout, stream, progress: Display, expected: int):
     """Exit code of torchrun; None when the wall-clock timeout ran out; ``"stuck"`` when every rank of this node
     has reported but torchrun is still running :data:`EXIT_GRACE_S` (env ``VL2LAB_EXIT_GRACE_S``) later (a process hanging in its teardown,
     e.g. a communicator that does not shut down: the results are in, so the launch is stopped and returned)."""
     tail = LogTail(os.path.join(launch.run_dir, "rank0.log")) if stream else None
-    next_progress = progress_after
     all_in = None
     while True:
         try:
@@ -250,10 +250,7 @@ def _wait(launch: Launch, timeout, stream, progress_after, expected: int):
             all_in = now
         if all_in is not None and now - all_in > _exit_grace():
             return "stuck"
-        if progress_after is not None and elapsed >= next_progress:
-            print(f"[vl2lab] {elapsed:.0f} s: {_reported(launch.run_dir)}/{expected} ranks finished",
-                  file=sys.stderr, flush=True)
-            next_progress = elapsed + PROGRESS_EVERY_S
+        progress.update(_reported(launch.run_dir))
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -297,7 +294,9 @@ def run(fn, world_size: int = 1, backend: str = "auto", timeout: float = 300.0, 
                            kwargs_path=kwargs_path)
     launch = Launch(cmd, _rank_env(nproc, run_dir, not multi, omp_threads, env), run_dir, node_tag)
     try:
-        rc = _wait(launch, timeout, stream, progress_after, nproc)
+        progress = Display(target, run_dir, nproc, progress_after, PROGRESS_EVERY_S)
+        rc = _wait(launch, timeout, stream, progress, nproc)
+        progress.close(_reported(run_dir))
     finally:  # also on KeyboardInterrupt: nothing of the launch may outlive this call
         launch.stop()
     wall = time.monotonic() - launch.t0
