@@ -24,7 +24,7 @@ from vl2lab.launch.launcher import run as launch_run
 from vl2lab.model.dtypes import as_dtype
 from vl2lab.parallel.groups import barrier, device as rank_device
 
-__all__ = ["bench_collectives", "comm_bytes_per_token", "bus_factor", "nccl_settings_sweep", "NCCL_SETTINGS"]
+__all__ = ["bench_collectives", "comm_bytes_per_token", "decode_collectives", "bus_factor", "nccl_settings_sweep", "NCCL_SETTINGS"]
 
 _OPS = ("all_reduce", "all_gather")
 
@@ -135,6 +135,32 @@ def comm_bytes_per_token(hidden: int, dtype_bytes: int, world_size: int, interme
 # the buffer size. Ring/Tree × Simple/LL/LL128; NCCL picks per message size by default.
 NCCL_SETTINGS = ({}, {"NCCL_ALGO": "Ring"}, {"NCCL_ALGO": "Tree"}, {"NCCL_PROTO": "LL"}, {"NCCL_PROTO": "LL128"},
                  {"NCCL_PROTO": "Simple"}, {"NCCL_BUFFSIZE": str(1 << 23)})
+
+
+def decode_collectives(language_config, world_size: int, dtype_bytes: int, batch: int = 1) -> dict:
+    """The collectives of one tensor-parallel decode step of vl2lab's language model, counted from its config.
+
+    With L decoder layers, hidden size H, vocabulary V, N ranks and batch B (pure maths, no torch.distributed):
+
+    - **2L + 1 all-reduces** of B·H values: each layer's attention ends in a row-parallel ``o_proj`` and its
+      feed-forward (dense MLP or MoE) in a row-parallel ``down_proj`` — 2 per layer — and the vocabulary-split
+      embedding adds 1 (each rank looks up only its rows; the others contribute zeros). A model whose embedding is
+      replicated has 2L: that is the count of the column→row blocks alone (notebook 02).
+    - **1 all-gather** of the vocabulary-split ``lm_head``'s logits: B·⌈V/N⌉·N values (uneven shares padded).
+    - What a ring all-reduce moves per rank for one message of S bytes: 2(N−1)/N · S.
+    """
+    n, layers, h = world_size, language_config.num_hidden_layers, language_config.hidden_size
+    if n < 1 or batch < 1 or dtype_bytes < 1:
+        raise ValueError(f"need world_size, batch, dtype_bytes >= 1; got {n}, {batch}, {dtype_bytes}")
+    tp = n > 1
+    message = batch * h * dtype_bytes
+    count = 2 * layers + 1 if tp else 0
+    gather = batch * -(-language_config.vocab_size // n) * n * dtype_bytes if tp else 0
+    return {"world_size": n, "batch": batch, "layers": layers, "hidden": h,
+            "all_reduces": count, "all_reduce_message_bytes": message if tp else 0,
+            "all_reduce_bytes": count * message, "ring_bytes_per_rank": count * 2 * (n - 1) / n * message,
+            "all_gathers": 1 if tp else 0, "all_gather_bytes": gather,
+            "formula": "2L + 1 all-reduces of B·H values; 1 all-gather of B·ceil(V/N)·N logits"}
 
 
 def nccl_settings_sweep(world_size: int, settings=NCCL_SETTINGS, sizes_bytes=(1 << 12, 1 << 16, 1 << 20),
