@@ -28,6 +28,8 @@ import os
 import sys
 import time
 
+from vl2lab.workbook.kernel import in_kernel
+
 __all__ = ["report", "read", "bar", "describe", "Display"]
 
 _ENV = "VL2LAB_RUN_DIR"
@@ -98,22 +100,13 @@ def describe(rec: dict | None, now: float) -> str:
     return line
 
 
-def _in_notebook() -> bool:
-    if "IPython" not in sys.modules:
-        return False
-    from IPython import get_ipython
-
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 class Display:
     """The launcher's view of its ranks' progress (a notebook block, or stderr lines every ``every_s`` seconds)."""
 
     def __init__(self, target: str, run_dir: str, world_size: int, after_s: float | None, every_s: float = 10.0):
         self.target, self.run_dir, self.world_size = target, run_dir, world_size
         self.after_s, self.every_s = after_s, every_s
-        self.notebook = _in_notebook()
+        self.notebook = in_kernel()
         self.handle = None
         self.next_line = after_s
         self.t0 = time.monotonic()

@@ -3,7 +3,7 @@
 ``vl2lab.run("vl2lab.lessons.smoke:hello", world_size=N)`` returns, per rank, who it is (rank, local rank, host, device,
 backend) and the result of an all-reduce of ``rank + 1`` (it must equal N(N+1)/2 on every rank), plus the versions
 the rank imported. ``noop`` measures the launch's own overhead; ``fail_on`` raises on one rank on purpose, to show
-what a failure looks like.
+what a failure looks like; ``work_in_steps`` reports its progress as it goes.
 
 Lesson: notebook 00, sections "Ranks report in" and "When a rank fails".
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
 
+from vl2lab.launch import progress
 from vl2lab.parallel.groups import device
 
 
@@ -32,6 +34,19 @@ def hello() -> dict:
         info["cuda"] = torch.version.cuda
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     return info
+
+
+def work_in_steps(steps: int = 20, step_s: float = 0.1) -> int:
+    """Sleep ``steps`` times ``step_s`` seconds (rank r's steps last r+1 times longer), saying how far it is with
+    :func:`vl2lab.launch.progress.report`: what a long rank function does so that a learner sees each rank's stage
+    and an estimate of the time left. Returns the number of steps done, checked once all ranks are through."""
+    progress.report("warming up")
+    for n in range(steps):
+        time.sleep(step_s * (dist.get_rank() + 1))
+        progress.report("working", n + 1, steps)
+    done = torch.tensor([float(steps)], device=device())
+    dist.all_reduce(done)
+    return int(done.item())
 
 
 def noop() -> None:

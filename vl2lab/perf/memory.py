@@ -23,6 +23,7 @@ import gc
 
 import torch
 
+from vl2lab.launch import progress
 from vl2lab.model.attention import attention_kernel
 from vl2lab.model.build import build_on_device
 from vl2lab.model.dtypes import as_dtype, dtype_bytes
@@ -107,7 +108,8 @@ def profile(snapshot: str, dtype: str = "float32", batch_sizes=(1,), new_tokens:
     conv = workload_conversation(processor, workload_image(seed))
     out = {"device": str(dev), "dtype": dtype, "new_tokens": new_tokens, "environment": environment(),
            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "runs": []}
-    for b in batch_sizes:
+    for i, b in enumerate(batch_sizes):
+        progress.report(f"timing and measuring batch {b}", i, len(batch_sizes))
         convs = [conv] * b
         batch = processor(conversations=convs).to(dev, as_dtype(dtype))
         tiles, T = real_tiles(batch), int(batch["input_ids"].shape[1])

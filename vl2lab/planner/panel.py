@@ -10,6 +10,7 @@ import inspect
 
 from vl2lab.model.config import preset_name
 from vl2lab.planner.plan import DTYPES, PlanError, parse_image_size, plan
+from vl2lab.workbook.kernel import in_kernel
 from vl2lab.workbook.widgets import show
 
 __all__ = ["panel", "show_planner", "report"]
@@ -78,12 +79,15 @@ def _plan_defaults() -> dict:
 
 
 def show_planner(**defaults):
-    """Notebook cell form: print the default setting's table and commands (deterministic: no widget events
-    involved, so papermill/nbval can check it), then display the interactive panel when running in a kernel
-    with ipywidgets. Returns the panel (or None without ipywidgets)."""
-    print(report(**defaults))
+    """Notebook cell form: the report of the default setting, once. In a Jupyter kernel with ipywidgets it is the
+    panel (its first view is that report, and the report's text is what a saved notebook keeps, so papermill and
+    nbval see the same deterministic text); elsewhere the report is printed. Returns the panel, or None."""
+    text = report(**defaults)
     try:
         box = panel(**defaults)
     except ImportError:
-        return None
-    return show(box, "[planner panel: change a control to re-plan]")
+        box = None
+    if box is None or not in_kernel():
+        print(text)
+        return box
+    return show(box, text)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from vl2lab.inputs.tiling import open_image
 from vl2lab.model.config import PRESETS, REAL_PRESETS, ConfigError, get_config, preset_name
+from vl2lab.launch import progress
 from vl2lab.model.dtypes import as_dtype
 from vl2lab.model.generation import check_context, check_new_tokens
 from vl2lab.parallel.comm import CommCounter, comm_modules, describe_rank, param_bytes
@@ -137,9 +138,10 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_intervals(module, device, store: list):
+def forward_intervals(module, device, store: list, total_steps: int | None = None):
     """Hooks that append [t_start, t_end] (perf_counter, the device synchronised) of every forward of ``module``
-    to ``store``; returns the handles (remove them when done)."""
+    to ``store``, and report the decode steps done of ``total_steps`` as the rank's progress; returns the handles
+    (remove them when done)."""
     def pre(*_):
         sync(device)
         store.append([time.perf_counter(), None])
@@ -147,6 +149,7 @@ def forward_intervals(module, device, store: list):
     def post(*_):
         sync(device)
         store[-1][1] = time.perf_counter()
+        progress.report("prefill done" if len(store) == 1 else "decoding", len(store) - 1, total_steps)
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
@@ -175,6 +178,7 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
         check_context(int(batch["input_ids"].shape[1]), max_new_tokens,
                       req["config"].language_config.max_position_embeddings)
         t0 = time.perf_counter()
+        progress.report("loading its shard of the weights")
         model, _ = load_sharded(path, group=group, moe=moe, vision=vision, dtype=dtype, device=device)
         sync(device)
         load_s = time.perf_counter() - t0
@@ -182,7 +186,7 @@ def deploy(snapshot_path: str, prompt: str = "Describe the image.", image_path: 
         cleanup_snapshot(path, made, group)
     batch = batch.to(device, as_dtype(dtype))
     spans: list = []                                                 # [start, end] of each language forward
-    hooks = forward_intervals(model.language, device, spans)
+    hooks = forward_intervals(model.language, device, spans, max_new_tokens - 1)
     try:
         with CommCounter(comm_modules(model)) as c:
             t0 = time.perf_counter()

@@ -85,6 +85,24 @@ class Settings:
     def on_gpu(self) -> bool:
         return self.device_kind == "cuda"
 
+    def cannot_run(self, world_size: int) -> str | None:
+        """Why a launch of ``world_size`` ranks on this notebook's backend cannot run here (None: it can)."""
+        if self.values["BACKEND"] == "nccl" and world_size > self.gpus:
+            return (f"{world_size} ranks on NCCL need {world_size} GPUs, this machine has {self.gpus} "
+                    f"(skipped: run it on a machine with more GPUs, or with BACKEND='gloo')")
+        return None
+
+    def world_sizes(self, candidates) -> list[int]:
+        """The sizes of ``candidates`` this machine can launch, in order; each one it cannot is printed with why."""
+        keep = []
+        for n in sorted(set(candidates)):
+            why = self.cannot_run(n)
+            if why:
+                print(f"world size {n}: {why}")
+            else:
+                keep.append(n)
+        return keep
+
     def summary(self) -> str:
         v = self.values
         head = (f"profile={v['PROFILE']} backend={v['BACKEND']} world_size={v['WORLD_SIZE']} "
