@@ -90,3 +90,12 @@ def return_planted(marker):
 def torch_version():
     """A value holding a str subclass (torch.__version__ is a TorchVersion): it comes back as a plain str."""
     return {"torch": torch.__version__}
+
+
+if __name__ == "__main__":  # python -m launch_targets serve SECONDS: a plain torchrun program (no vl2lab worker)
+    dist.init_process_group("gloo")
+    time.sleep(float(sys.argv[2]))
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    print(f"rank {dist.get_rank()} of {int(t.item())} done", flush=True)
+    dist.destroy_process_group()

@@ -227,5 +227,5 @@ def test_help_gives_every_default_and_how_to_run_on_n_ranks(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "torchrun --nproc-per-node N -m vl2lab.serve.generate" in out
+    assert e.value.code == 0 and "python -m vl2lab.launch.agent --standalone --nproc-per-node N" in out
     assert "(default: 32)" in out and "(default: tp)" in out and "(default: 'Describe this image.')" in out

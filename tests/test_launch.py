@@ -471,3 +471,28 @@ def test_a_str_subclass_comes_back_as_a_plain_str():
     launcher's plain-data loader reads, instead of failing the rank."""
     res = launch.run(T.torch_version, world_size=1, backend="gloo", timeout=LONG)
     assert res[0]["torch"] == str(torch.__version__) and type(res[0]["torch"]) is str
+
+
+def test_the_planners_one_node_command_listens_on_loopback_only(tmp_path):
+    """``python -m vl2lab.launch.agent --standalone`` — the command the planner and generate's --help print — keeps
+    every listening socket of its agent and ranks on loopback, as ``vl2lab.run`` does."""
+    from vl2lab.planner.commands import ONE_NODE
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS)])
+    cmd = [sys.executable, *ONE_NODE.split()[1:], "--nproc-per-node", "2", "-m", "launch_targets", "serve", "3"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, t0 = set(), time.monotonic()
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < 60:
+            tree = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+            seen.update(_listening(tree))
+            time.sleep(0.1)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "rank 1 of 2 done" in out and seen, (out, seen)
+    exposed = sorted((pid, ip, port) for pid, ip, port in seen if ip not in ("127.0.0.1", "::1"))
+    assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"

@@ -11,6 +11,7 @@ from vl2lab.planner import cli
 from vl2lab.planner import layouts as S
 from vl2lab.__main__ import main
 from vl2lab.model.config import PRESETS, REAL_PRESETS, preset_name
+from vl2lab.planner.commands import ONE_NODE
 from vl2lab.planner.claims import article_claims
 from vl2lab.planner.panel import show_planner
 from vl2lab.planner.plan import VARIANTS, PlanError, plan
@@ -73,7 +74,7 @@ def test_tiny_tp4_needs_uneven_heads_and_vllm_warns():
     assert p.recommended["vllm_problem"] is None  # the pick (tp=1, dp=4) runs everywhere
     cmd = p.commands(t4)
     assert cmd["vl2lab"][0].startswith("# /path/to/deepseek-vl2-tiny: the folder you downloaded")
-    assert "torchrun --standalone --nproc-per-node 4 -m vl2lab.serve.generate" in cmd["vl2lab"][1]
+    assert "python -m vl2lab.launch.agent --standalone --nproc-per-node 4 -m vl2lab.serve.generate" in cmd["vl2lab"][1]
     assert cmd["vllm"][0].startswith("# WARNING: vLLM cannot shard deepseek-vl2-tiny with tensor-parallel size 4")
     assert "vLLM-legal layouts that fit: tp=1 ep=1 dp=4 moe=tp, tp=2 ep=1 dp=2 moe=tp" in cmd["vllm"][0]
     assert cmd["vllm"][1] == "# nearest vLLM layout, tp=1 ep=1 dp=4 moe=tp:"
@@ -112,9 +113,9 @@ def test_commands_carry_the_right_flags():
     dpep = p.commands(p.layout(1, "ep", 4))
     assert "--data-parallel-size 4 --enable-expert-parallel" in dpep["vllm"][-1]
     assert "--tp 4 --dp 4 --enable-dp-attention --ep-size 4" in dpep["sglang"][-1]
-    assert dpep["vl2lab"][-1].startswith("torchrun --standalone --nproc-per-node 4")  # nearest vl2lab layout
+    assert dpep["vl2lab"][-1].startswith(f"{ONE_NODE} --nproc-per-node 4")  # nearest vl2lab layout
     two = plan("small", n_gpus=2, images_per_prompt=2, image_size="640x480", vision="dp").commands()
-    run = [x for x in two["vl2lab"] if x.startswith("CUDA_VISIBLE_DEVICES=1 torchrun")][0]
+    run = [x for x in two["vl2lab"] if x.startswith("CUDA_VISIBLE_DEVICES=1 python -m vl2lab.launch.agent --standalone")][0]
     assert run.count("--image image.jpg") == 1 and "--vision dp" in run
     assert any(x.startswith("# vl2lab.serve.generate takes one --image; 2 images") for x in two["vl2lab"])
     assert "--image" not in plan("tiny", images_per_prompt=0).commands()["vl2lab"][-1]

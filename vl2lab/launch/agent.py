@@ -1,6 +1,7 @@
 """The torchrun agent of a single-node launch, with every socket it listens on bound to loopback (127.0.0.1).
 
     python -m vl2lab.launch.agent ARGS...      # the same as python -m torch.distributed.run ARGS...
+    python -m vl2lab.launch.agent --standalone --nproc-per-node 4 -m vl2lab.serve.generate ...   # one node, loopback
 
 Why not plain torchrun: torch's ``TCPStore`` server listens on every interface (``::``) whatever host it is given,
 and torchrun's agent runs two of them, the c10d rendezvous store and the store its ranks share (even
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, dynamic_rendezvous
 
-__all__ = ["LoopbackTCPStore", "is_loopback", "install", "main"]
+__all__ = ["LoopbackTCPStore", "is_loopback", "install", "standalone_args", "main"]
 
 
 def is_loopback(host: str) -> bool:
@@ -82,9 +83,26 @@ def install() -> None:
     handler._create_tcp_store_server = _create_tcp_store_server
 
 
+def standalone_args(argv: list[str]) -> list[str]:
+    """``--standalone`` (one node) made loopback-only: the ranks' ``MASTER_ADDR`` is 127.0.0.1 (``--local-addr``),
+    and gloo's and NCCL's own sockets use the loopback interface unless the environment already names one."""
+    own = argv[: argv.index("-m")] if "-m" in argv else argv   # torchrun's options, before the program's
+    if "--standalone" not in own:
+        return argv
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
+    if not any(a == "--local-addr" or a.startswith("--local-addr=") for a in argv):
+        argv = ["--local-addr", "127.0.0.1"] + argv
+    return argv
+
+
 def main(argv=None) -> None:
+    """``python -m vl2lab.launch.agent ARGS`` = torchrun ARGS with loopback stores (and, with ``--standalone``,
+    every socket on loopback: :func:`standalone_args`)."""
     install()
-    torchrun.main(sys.argv[1:] if argv is None else argv)
+    torchrun.main(standalone_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

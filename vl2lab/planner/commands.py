@@ -1,4 +1,4 @@
-"""The commands that run a planned layout: vl2lab's torchrun lines (one node or several), and the equivalent vLLM
+"""The commands that run a planned layout: vl2lab's launch lines (one node, on loopback; or several), and the equivalent vLLM
 and SGLang serve commands for production serving. Each takes a :class:`vl2lab.planner.plan.Plan` and one of its layouts.
 
 Lesson: notebook 01, section "Will it fit? The planner", and notebook 04, section "Beyond one machine".
@@ -11,8 +11,11 @@ import shlex
 from vl2lab.model.config import REAL_PRESETS
 from vl2lab.parallel.plan import vision_mode
 
-__all__ = ["vl2lab_lines", "vllm_lines", "sglang_lines", "multinode_lines", "default_model", "engine_note"]
+__all__ = ["ONE_NODE", "vl2lab_lines", "vllm_lines", "sglang_lines", "multinode_lines", "default_model", "engine_note"]
 
+# One node: torchrun whose every socket listens on 127.0.0.1 only (vl2lab.launch.agent; plain torchrun's stores,
+# read with pickle, listen on every interface).
+ONE_NODE = "python -m vl2lab.launch.agent --standalone"
 _VLLM_ARCH = '\'{"architectures": ["DeepseekVLV2ForCausalLM"]}\''
 
 
@@ -83,7 +86,7 @@ def vl2lab_lines(p, lay, model, image, prompt) -> list[str]:
         return [f"# vl2lab.serve.generate runs one model copy per job (attention split by heads, experts over the same "
                 f"ranks); ep={lay['ep']} shared by {lay['dp']} attention replicas is a vLLM/SGLang layout",
                 f"# nearest vl2lab layout, tp=ep={lay['ep']}:",
-                f"torchrun --standalone --nproc-per-node {lay['ep']} {args}"]
+                f"{ONE_NODE} --nproc-per-node {lay['ep']} {args}"]
     lines = ["# vl2lab.serve.generate has no tensor-parallel ViT: it runs the tower replicated (or --vision dp)"] \
         if lay["vision"] == "tp" else []
     if p.settings["images_per_prompt"] > 1:
@@ -96,7 +99,7 @@ def vl2lab_lines(p, lay, model, image, prompt) -> list[str]:
             continue
         node, ids = nodes[0]
         env = f"CUDA_VISIBLE_DEVICES={','.join(map(str, ids))} " if len(reps) > 1 else ""
-        by_node.setdefault(node, []).append(f"{env}torchrun --standalone --nproc-per-node {len(ids)} {args}")
+        by_node.setdefault(node, []).append(f"{env}{ONE_NODE} --nproc-per-node {len(ids)} {args}")
     if len(reps) > 1:
         lines.append(f"# {len(reps)} independent copies (data parallel): give each its own images and prompts")
     return lines + _per_node(p, by_node)

@@ -1,7 +1,8 @@
 """Answer a question about an image with DeepSeek-VL2 sharded over N ranks (tensor + expert parallel).
 
-    torchrun --nproc-per-node N -m vl2lab.serve.generate --model PATH_OR_NAME --image FILE --prompt TEXT \\
-        [--moe tp|ep] [--vision replicated|dp|tp] [--dtype auto|float32|bfloat16|float16] [--max-new-tokens 32]
+    python -m vl2lab.launch.agent --standalone --nproc-per-node N -m vl2lab.serve.generate \\
+        --model PATH_OR_NAME --image FILE --prompt TEXT [--moe tp|ep] [--vision replicated|dp|tp] \\
+        [--dtype auto|float32|bfloat16|float16] [--max-new-tokens 32]
     python -m vl2lab.serve.generate --model random-tiny --prompt "Hello"          # world size 1, no torchrun
     python -m vl2lab generate ...                                                 # the same command
 
@@ -53,8 +54,10 @@ USAGE = """\
 Answer a question about an image with DeepSeek-VL2, the model sharded over the ranks (tensor + expert parallel).
 
   one process:         python -m vl2lab.serve.generate --model vl2-micro --image scene.png --prompt "..."
-  on N ranks:          torchrun --nproc-per-node N -m vl2lab.serve.generate --model DIR --image F --prompt T
-                       (one process per GPU, NCCL; on a CPU-only machine N processes over gloo)
+  on N ranks:          python -m vl2lab.launch.agent --standalone --nproc-per-node N \\
+                                -m vl2lab.serve.generate --model DIR --image F --prompt T
+                       (torchrun listening on 127.0.0.1 only; one process per GPU, NCCL; on a CPU-only
+                       machine N processes over gloo)
   several machines:    torchrun --nnodes M --node-rank R --master-addr HOST --master-port 29500 \\
                                 --nproc-per-node N -m vl2lab.serve.generate ...   (on each machine R = 0..M-1)
   also:                python -m vl2lab generate ...
