@@ -13,16 +13,24 @@ Sampling at temperature τ and top-p::
 
 A row that produced EOS is finished: it gets ``pad_token_id`` from then on, and the loop stops when every row
 is finished (unless ``ignore_eos``).
+
+Inside ``with step_hook(fn):`` every generation loop (this one and the static step of
+:mod:`vl2lab.model.graph_decode`) calls ``fn(tokens)`` each time it has chosen the next token of every row: once
+after the prefill, then after each decode step. That is how :func:`vl2lab.perf.workload.time_steps` times the decode
+steps themselves.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 __all__ = ["generate", "sample_next", "top_p_filter", "GenerationError", "check_new_tokens", "check_context",
-           "check_sampling"]
+           "check_sampling", "step_hook", "step_done"]
+
+_STEP_HOOKS: list = []                      # the functions of the enclosing ``step_hook`` blocks
 
 
 class GenerationError(ValueError):
@@ -69,6 +77,22 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@contextmanager
+def step_hook(fn: Callable[[torch.Tensor], None]):
+    """Within the block, ``fn(tokens [B])`` runs each time a generation loop has chosen a token for every row."""
+    _STEP_HOOKS.append(fn)
+    try:
+        yield fn
+    finally:
+        _STEP_HOOKS.remove(fn)
+
+
+def step_done(tokens: torch.Tensor) -> None:
+    """A generation loop has chosen ``tokens`` [B]: call the hooks of the enclosing :func:`step_hook` blocks."""
+    for fn in _STEP_HOOKS:
+        fn(tokens)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -130,6 +154,7 @@ def generate(model, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.
         nxt = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
         nxt = torch.where(done, pad, nxt)
         out[:, step] = nxt
+        step_done(nxt)
         if not ignore_eos:
             done = done | torch.isin(nxt, eos)
             if bool(done.all()):

@@ -32,6 +32,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from vl2lab.model.generation import step_done
+
 __all__ = ["IndexCache", "GraphDecoder", "compile_regions", "decoder_for", "ROUND"]
 
 ROUND = 128                     # cache length granularity: one captured graph per (batch, rounded length)
@@ -83,7 +85,9 @@ class GraphDecoder:
         self._layers = list(lm.model.layers)
 
     # ------------------------------------------------------------------------------------------ the step
-    def _step(self):
+    def step(self):
+        """One greedy decode step on the device state alone (no host synchronisation, no Python branch on a
+        value): this is what :meth:`_capture` records as a CUDA graph and :meth:`replay` replays per token."""
         lm = self.lm
         self.key_ok.index_fill_(1, self.index, True)
         x = lm.layers_forward(lm.embed(self.tokens), self.positions,         # [B, 1, H]; the mask [B, 1, 1, L]:
@@ -107,17 +111,17 @@ class GraphDecoder:
         if self.mode == "compile":
             self._layers = compile_regions(self._layers)
         if self.device.type != "cuda":
-            self._step()                                                  # CPU: check it runs; no graph
+            self.step()                                                  # CPU: check it runs; no graph
         else:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self._step()
+                    self.step()
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._step()
+                self.step()
         for t, s in zip(self._state(), saved):
             t.copy_(s)
 
@@ -126,7 +130,7 @@ class GraphDecoder:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._step()
+            self.step()
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -145,6 +149,7 @@ class GraphDecoder:
         first = logits[:, -1].argmax(-1)                                     # [B]
         self.out.fill_(self.pad_token_id)
         self.out[:, 0] = first
+        step_done(first)                                                     # the prefill's token is chosen
         self.done.copy_(torch.isin(first, self._eos) if not self.ignore_eos else torch.zeros_like(self.done))
         self.tokens.copy_(first[:, None])
         self.positions.copy_(mask.sum(-1, keepdim=True))                     # next position = real tokens so far
@@ -157,6 +162,7 @@ class GraphDecoder:
             self.captured = True
         for _ in range(max_new_tokens - 1):
             self.replay()
+            step_done(self.tokens[:, 0])                                     # (a timing hook runs on the host)
         return self.out[:, :max_new_tokens].clone()
 
 

@@ -7,14 +7,15 @@ per batch size:
 - ``load_s``        snapshot folder → model on the device (``load_pretrained``), when a snapshot is used;
 - ``preprocess_s``  the processor (tiling, normalisation, tokenisation), on the CPU;
 - ``vision_s``      the SigLIP tower over all tiles of the batch;
-- ``prefill_s``     ``generate(max_new_tokens=1)``: vision + projector + the language model over the prompt;
-- ``decode_ms_per_token``  (t(64 tokens) − t(1 token)) / 63, the steady per-step cost of the whole batch;
+- ``prefill_s``     vision + projector + the language model over the prompt, up to the first token;
+- ``decode_step_s``  one decode step of the whole batch, each step timed on its own
+                     (:func:`vl2lab.perf.workload.time_steps`: median, p10, p90 over the 63 steps of every run);
 - ``e2e_s``          ``generate(max_new_tokens=64)``; ``images_per_s`` = batch / e2e;
 - ``peak_bytes``     peak device memory of the end-to-end run beside ``predicted_bytes`` from
                      :mod:`vl2lab.planner.layouts`.
 
-Each time is the median of ``repeats`` runs after ``warmup`` runs (p10/p90 kept), with CUDA synchronisation on
-GPUs. The JSON names the hardware, driver and versions. Timings come from here, never from unit tests.
+Each time is the median of ``repeats`` runs after ``warmup`` runs (p10/p90 kept), with CUDA events on GPUs; prefill,
+decode steps and end to end come from the same timed generations. The JSON names the hardware, driver and versions. Timings come from here, never from unit tests.
 
 Lesson: notebook 01, section "Where time and memory go" (and notebook 05).
 """
@@ -76,15 +77,14 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
         pre = timed(lambda: processor(conversations=[conv] * b), torch.device("cpu"), repeats, warmup)
         m = measure_generate(vl2, processor, conv, b, decode, repeats, warmup, NEW_TOKENS)
         batch, tiles, out = m["batch"], m["tiles"], m["tokens"]
-        vis, pre1, e2e = m["vision_s"], m["prefill_s"], m["e2e_s"]
+        e2e = m["e2e_s"]
         seq = int(batch["input_ids"].shape[1])
         pred = layout_bytes(cfg, tp=1, dtype=dtype, batch=b, seq_len=seq + NEW_TOKENS,
                             tiles=int(tiles.shape[0]) // b)
         run_ = {"batch": b, "prompt_len": seq, "image_tokens": int(batch["images_seq_mask"][0].sum()),
                 "tiles_per_image": int(tiles.shape[0]) // b, "new_tokens": int(out.shape[1]),
-                "preprocess_s": pre, "vision_s": vis, "prefill_s": pre1, "e2e_s": e2e,
-                "decode_ms_per_token": (e2e["median"] - pre1["median"]) / (NEW_TOKENS - 1) * 1e3,
-                "images_per_s": b / e2e["median"],
+                "preprocess_s": pre, "vision_s": m["vision_s"], "prefill_s": m["prefill_s"],
+                "decode_step_s": m.get("decode_step_s"), "e2e_s": e2e, "images_per_s": b / e2e["median"],
                 "predicted_bytes": {k: v for k, v in pred.items() if isinstance(v, (int, float))},
                 "floor": roofline.workload_floor(cfg, b, seq, NEW_TOKENS, int(tiles.shape[0]) // b,
                                                  result["ceilings"], dtype)}

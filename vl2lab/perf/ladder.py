@@ -3,7 +3,8 @@ same run, beside the device's ceilings and the workload's floor: ``python -m vl2
 
 Lesson: notebook 05, sections "2. The ladder, run here" and "7. Tensor parallelism or data-parallel replicas".
 
-Each rung is measured at every batch size with :func:`vl2lab.perf.workload.timed` (CUDA events, warm-up, median).
+Each rung is measured at every batch size with :func:`vl2lab.perf.rungs.measure` (CUDA events, warm-up, medians;
+each decode step timed on its own). The rank reports which rung and batch it runs (:mod:`vl2lab.launch.progress`).
 The model is built once, on the device, with random weights in the first rung's dtype (no snapshot: the ladder is
 about speed) and cast to bf16 in place at rung 2. :func:`run` is one device; :func:`run_ranks` is the rank function
 that runs the workload as one tensor-parallel model or as data-parallel replicas.
@@ -20,6 +21,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from vl2lab.launch import progress
 from vl2lab.model.attention import attention_kernel
 from vl2lab.model.build import build_on_device
 from vl2lab.model.config import get_config
@@ -53,22 +55,26 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
     result = {"model": model, "device": str(dev), "environment": environment(), "repeats": repeats,
               "warmup": warmup, "new_tokens": new_tokens, "rungs": [asdict(r) for r in rungs], "runs": []}
     t0 = time.perf_counter()
+    todo, done = len(rungs) * len(batch_sizes), 0
 
     def save():
         if out:
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
 
+    progress.report("measuring the device's ceilings (copy, matmul)")
     result["ceilings"] = roofline.measure_device(dev)
     log(f"ceilings: {result['ceilings']['copy_bytes_per_s'] / 1e9:.0f} GB/s copy, "
         f"{result['ceilings']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 matmul")
     processor = project_processor(cfg)
+    progress.report(f"building {model} on {dev}")
     first_dtype = rungs[0].dtype if rungs else "bfloat16"
     vl2 = build_on_device(model, first_dtype, dev, seed)
     result["build_s"] = time.perf_counter() - t0
     for i, rung in enumerate(rungs):
         apply(vl2, rung)
         if profile and i in (0, len(rungs) - 1):
+            progress.report(f"rung {i + 1}/{len(rungs)} {rung.name}: profiling decode steps", done, todo)
             try:
                 with attention_kernel(rung.attention), torch.inference_mode():
                     p = profile_steps(vl2, processor, 1, 8, rung.decode, seed)
@@ -78,6 +84,9 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
             log(f"profile {rung.name}: {p.get('wall_us', 0):.0f} µs/step wall, "
                 f"{p.get('kernels_per_step', 0):.0f} kernels/step {p.get('error', '')}")
         for b in batch_sizes:
+            progress.report(f"rung {i + 1}/{len(rungs)} {rung.name}: batch {b}, {new_tokens} tokens × "
+                            f"{warmup} + {repeats} runs", done, todo)
+            done += 1
             try:
                 r = measure(vl2, processor, rung, b, repeats, warmup, new_tokens, seed)
             except Exception as e:  # noqa: BLE001 — recorded, the ladder goes on
@@ -86,9 +95,10 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
                 continue
             result["runs"].append(r)
             save()
+            d = r["decode_step_s"] or {"median": float("nan"), "p10": float("nan"), "p90": float("nan")}
             log(f"{rung.name:<48} b{b:<3} prefill {r['prefill_s']['median'] * 1e3:8.1f} ms  decode "
-                f"{r['decode_ms_per_step']:8.2f} ms/step  {r['images_per_s']:7.2f} img/s  "
-                f"vision {r['tiles_per_s']:6.0f} tiles/s")
+                f"{d['median'] * 1e3:8.2f} ms/step (p10 {d['p10'] * 1e3:.2f}, p90 {d['p90'] * 1e3:.2f})  "
+                f"{r['images_per_s']:7.2f} img/s  vision {r['tiles_per_s']:6.0f} tiles/s")
     for b in batch_sizes:
         run0 = next((r for r in result["runs"] if r["batch"] == b and "error" not in r), None)
         if run0 is None:
@@ -96,6 +106,7 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
         result.setdefault("floor", {})[str(b)] = roofline.workload_floor(
             cfg, b, run0["prompt_len"], new_tokens, run0["tiles"] // b, result["ceilings"])
     if peer:
+        progress.report(f"transformers' own {model} language model (the peer)", todo, todo)
         try:
             prompt = next(r["prompt_len"] for r in result["runs"] if "prompt_len" in r)
             result["peer"] = peer_timings(model, batch_sizes, prompt, new_tokens, dev, repeats, warmup)

@@ -22,7 +22,7 @@ import torch
 
 from vl2lab.model.build import constructed_on
 from vl2lab.model.config import get_config
-from vl2lab.perf.workload import timed
+from vl2lab.perf.workload import time_steps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -131,12 +131,29 @@ def _hf_config(cfg):
     raise ValueError("the speed peer needs a causal-LM class: MLA presets only (small, base)")
 
 
+class _Marks:
+    """A transformers streamer that marks each step for :func:`vl2lab.perf.workload.time_steps`: ``generate`` hands
+    it the prompt first (skipped), then the tokens of every step, already copied to the CPU."""
+
+    def __init__(self, mark):
+        self.mark, self.prompt_seen = mark, False
+
+    def put(self, tokens):
+        if self.prompt_seen:
+            self.mark(tokens)
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
 @torch.no_grad()
 def peer_timings(preset: str = "deepseek-vl2-small", batch_sizes=(1, 32), prompt_len: int = 1065,
                  new_tokens: int = 64, device="cuda", repeats: int = 3, warmup: int = 1) -> list:
     """transformers' DeepSeek causal LM at the preset's real size (random bf16 weights, built on ``device``),
     ``generate`` with its defaults (SDPA attention, its default experts kernel, dynamic cache): prefill time and
-    decode ms per step ((t(N) − t(1)) / (N − 1)) for random prompt embeddings of ``prompt_len`` positions."""
+    the decode steps, each timed on its own as vl2lab's (:func:`~vl2lab.perf.workload.time_steps`, marked by a
+    streamer), for random prompt embeddings of ``prompt_len`` positions."""
     from transformers import AutoModelForCausalLM
 
     cfg = get_config(preset).language_config
@@ -149,13 +166,12 @@ def peer_timings(preset: str = "deepseek-vl2-small", batch_sizes=(1, 32), prompt
         embeds = torch.randn(b, prompt_len, cfg.hidden_size, dtype=torch.bfloat16, device=dev) * 0.02
         mask = torch.ones(b, prompt_len, dtype=torch.long, device=dev)
 
-        def gen(n):
-            return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
-        pre = timed(lambda: gen(1), dev, repeats, warmup)
-        e2e = timed(lambda: gen(new_tokens), dev, repeats, warmup)
+        def gen(mark):
+            return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=_Marks(mark))
+        t, _ = time_steps(gen, dev, repeats, warmup)
         rows.append({"peer": f"transformers {type(model).__name__}", "kind": kind, "batch": b,
-                     "prefill_s": pre["median"],
-                     "decode_ms_per_step": (e2e["median"] - pre["median"]) / (new_tokens - 1) * 1e3})
+                     "prefill_s": t["prefill_s"]["median"], "decode_step_s": t.get("decode_step_s"),
+                     "e2e_s": t["e2e_s"]})
     del model
     return rows

@@ -4,7 +4,12 @@ Lesson: notebook 05, sections "The ladder" and "Targets".
 
 A ladder JSON (``python -m vl2lab.perf.ladder --out FILE``) holds ``runs`` (one per rung × batch), the device's measured
 ceilings and the workload's ``floor`` (see :mod:`vl2lab.perf.roofline`). Several files of one model (runs cut in parts,
-on the same machine type) are read together; a rung measured twice keeps its latest measurement.
+on the same machine type) are read together; a rung measured twice keeps its latest measurement, and
+:func:`provenance` says which file (which run) each rung comes from.
+
+A decode step is read from ``decode_step_s`` (each step timed on its own: median, p10, p90); files recorded before
+that field existed hold only ``decode_ms_per_step``, a difference of two totals ((t(N) − t(1)) / (N − 1)), read as
+such and labelled so (:func:`decode_step_ms`).
 """
 from __future__ import annotations
 
@@ -12,14 +17,16 @@ import glob
 import json
 import os
 
-from vl2lab.planner.sizing import format_table
+from vl2lab.workbook.kernel import in_kernel
+from vl2lab.workbook.tables import Table
 from vl2lab.workbook.tuning_plots import plot_ladder
 from vl2lab.workbook.widgets import show
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join(_CHECKOUT, "results", "h200-1gpu")
 
-__all__ = ["RESULTS_DIR", "TARGETS", "load", "rows", "target_rows", "peer_rows", "profile_rows", "table", "explore"]
+__all__ = ["RESULTS_DIR", "TARGETS", "load", "decode_step_ms", "rows", "provenance", "target_rows", "peer_rows",
+           "profile_rows", "table", "explore"]
 
 # What the tuned path should reach on one H200 (bf16, random weights at real size): (metric, batch) → (bound, value)
 TARGETS = {
@@ -44,35 +51,66 @@ def load(folder: str, model: str) -> dict:
             r = json.load(f)
         for run in r["runs"]:
             if "error" not in run:
-                merged["runs"][(run["rung"], run["batch"])] = run
+                merged["runs"][(run["rung"], run["batch"])] = {**run, "file": os.path.basename(fn),
+                                                               "repeats": r.get("repeats")}
         merged["floor"].update(r.get("floor", {}))
-        merged["peer"] += [p for p in r.get("peer", []) if "error" not in p]
+        merged["peer"] += [{**p, "file": os.path.basename(fn)} for p in r.get("peer", []) if "error" not in p]
         merged["profiles"] += r.get("profiles", [])
         merged["environment"], merged["ceilings"] = r["environment"], r["ceilings"]
     return merged
 
 
+def decode_step_ms(run: dict) -> dict:
+    """One decode step of a recorded run (or peer row), in ms: median, p10, p90, the number of steps timed and
+    ``timing``: "per step" (``decode_step_s``) or "difference of totals" (an older file's ``decode_ms_per_step``,
+    no spread: p10 and p90 are nan)."""
+    d = run.get("decode_step_s")
+    if d:
+        return {"median": d["median"] * 1e3, "p10": d["p10"] * 1e3, "p90": d["p90"] * 1e3, "n": d["n"],
+                "timing": "per step"}
+    nan = float("nan")
+    return {"median": run.get("decode_ms_per_step", nan), "p10": nan, "p90": nan, "n": 0,
+            "timing": "difference of totals"}
+
+
 def rows(merged: dict) -> list[dict]:
-    """One row per (rung, batch): prefill ms, decode ms/step, images/s, vision tiles/s, speed-up of decode and of
-    images/s against rung 1 at that batch, and the floor."""
+    """One row per (rung, batch): prefill ms, decode ms/step (median, p10, p90), images/s, vision tiles/s, speed-up
+    of decode and of images/s against rung 1 at that batch, the floor, and the file the run comes from."""
     runs = merged["runs"]
     out = []
     for (rung, b), r in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         first = next((x for (n, bb), x in runs.items() if bb == b and n.startswith("1 ")), None)
         nan = float("nan")
         floor = merged["floor"].get(str(b), {})
+        d = decode_step_ms(r)
         out.append({"rung": rung, "batch": b, "prefill_ms": r["prefill_s"]["median"] * 1e3,
-                    "decode_ms_per_step": r["decode_ms_per_step"], "images_per_s": r["images_per_s"],
-                    "tiles_per_s": r["tiles_per_s"],
-                    "decode_speedup": first["decode_ms_per_step"] / r["decode_ms_per_step"] if first else nan,
+                    "decode_ms_per_step": d["median"], "decode_p10_ms": d["p10"], "decode_p90_ms": d["p90"],
+                    "images_per_s": r["images_per_s"], "tiles_per_s": r["tiles_per_s"],
+                    "decode_speedup": decode_step_ms(first)["median"] / d["median"] if first else nan,
                     "images_speedup": r["images_per_s"] / first["images_per_s"] if first else nan,
                     "floor_decode_ms": floor.get("decode_s_per_step", float("nan")) * 1e3,
-                    "floor_images_per_s": floor.get("images_per_s", float("nan"))})
+                    "floor_images_per_s": floor.get("images_per_s", float("nan")),
+                    "decode_timing": d["timing"], "file": r.get("file", "")})
     return out
 
 
+def provenance(merged: dict) -> list[dict]:
+    """Which run (file) measured what: one row per file that holds a measurement of the merged table, with the rungs
+    it measured (and at which batch sizes), its repeats and how its decode was timed."""
+    out = {}
+    for (rung, b), r in sorted(merged["runs"].items(), key=lambda kv: (int(kv[0][0].split(" ")[0]), kv[0][1])):
+        row = out.setdefault(r.get("file", ""), {"file": r.get("file", ""), "measured": {}, "repeats": r.get("repeats"),
+                                                 "decode_timing": set()})
+        row["measured"].setdefault(rung.split(" ")[0], []).append(str(b))
+        row["decode_timing"].add(decode_step_ms(r)["timing"])
+    return [{"file": row["file"], "rungs (batch sizes)": ", ".join(f"{k} ({'/'.join(v)})"
+                                                                   for k, v in row["measured"].items()),
+             "repeats": row["repeats"], "decode_timing": ", ".join(sorted(row["decode_timing"]))}
+            for _, row in sorted(out.items())]
+
+
 def _best(merged: dict, metric: str, batch: int) -> tuple:
-    cands = [(r["rung"], r[metric]) for (n, b), r in merged["runs"].items() if b == batch]
+    cands = [(r["rung"], r[metric]) for r in rows(merged) if r["batch"] == batch]
     if not cands:
         return None, float("nan")
     pick = min if metric == "decode_ms_per_step" else max
@@ -120,9 +158,10 @@ def peer_rows(results: dict) -> list[dict]:
     for model, merged in results.items():
         for p in merged["peer"]:
             rung, best = _best(merged, "decode_ms_per_step", p["batch"])
-            out.append({"model": model, "batch": p["batch"], "peer": p["peer"],
-                        "peer_decode_ms": p["decode_ms_per_step"], "vl2lab_decode_ms": best, "vl2lab_rung": rung,
-                        "ratio": p["decode_ms_per_step"] / best})
+            peer = decode_step_ms(p)["median"]
+            out.append({"model": model, "batch": p["batch"], "peer": p["peer"], "peer_decode_ms": peer,
+                        "vl2lab_decode_ms": best, "vl2lab_rung": rung, "ratio": peer / best,
+                        "peer_timing": decode_step_ms(p)["timing"], "peer_file": p.get("file", "")})
     return out
 
 
@@ -138,47 +177,65 @@ def profile_rows(merged: dict, top: int = 8) -> list[dict]:
     return out
 
 
-_COLUMNS = ("rung", "batch", "prefill_ms", "decode_ms_per_step", "images_per_s", "tiles_per_s", "decode_speedup",
-            "floor_decode_ms")
+_COLUMNS = ("rung", "batch", "prefill_ms", "decode_ms_per_step", "decode_p10_ms", "decode_p90_ms", "images_per_s",
+            "tiles_per_s", "decode_speedup", "floor_decode_ms")
 
 
-def table(merged: dict, batch=None, columns=_COLUMNS) -> str:
-    """The rows of one model (one batch size, or all) as text."""
+def table(merged: dict, batch=None, columns=_COLUMNS, caption: str = "") -> Table:
+    """The rows of one model (one batch size, or all): a :class:`~vl2lab.workbook.tables.Table` (HTML in a
+    notebook, aligned text when printed)."""
     rs = [r for r in rows(merged) if batch is None or r["batch"] == batch]
-    return format_table([{k: r[k] for k in columns} for r in rs], floatfmt="{:.2f}")
+    return Table([{k: r[k] for k in columns} for r in rs], columns, floatfmt="{:.2f}", caption=caption)
 
 
 def explore(results: dict, model: str | None = None, batch: int = 1):
-    """Print the default view (``model`` at ``batch``), then, in a Jupyter kernel, an ipywidgets panel to pick
-    the model, the batch size and the metric to plot. Returns the panel (None without ipywidgets)."""
+    """In a Jupyter kernel, an ipywidgets panel to pick the model, the batch size (of that model's runs) and the
+    metric: the table and the chart of the choice, redrawn into the panel's own output. Elsewhere (or without
+    ipywidgets) the default view's table, printed. Returns the panel, or None."""
     model = model or next(iter(results))
-    print(f"{model}, batch {batch}:\n{table(results[model], batch)}")
     try:
         import ipywidgets as W
     except ImportError:
+        W = None
+    if W is None or not in_kernel():
+        print(table(results[model], batch, caption=f"{model}, batch {batch}:"))
         return None
     import matplotlib.pyplot as plt
+    from IPython.display import display
 
-    pick_model = W.Dropdown(options=list(results), value=model, description="model")
     batches = lambda m: sorted({b for (_, b) in results[m]["runs"]})  # noqa: E731
+    pick_model = W.Dropdown(options=list(results), value=model, description="model")
     pick_batch = W.Dropdown(options=batches(model), value=batch, description="batch")
     pick_metric = W.Dropdown(options=["decode_ms_per_step", "images_per_s", "prefill_ms", "tiles_per_s"],
                              value="decode_ms_per_step", description="metric")
     out = W.Output()
+    busy = []                                          # set while the model's batch sizes are swapped in
 
     def render(_=None):
-        if pick_batch.value not in batches(pick_model.value):
-            pick_batch.options = batches(pick_model.value)
-            return                                    # the options change triggers render again
+        if busy:
+            return
+        m, b = pick_model.value, pick_batch.value
+        fig = plot_ladder({m: rows(results[m])}, pick_metric.value, b)
+        plt.close(fig)                                 # ours alone: pyplot must not draw it again at cell end
         with out:
             out.clear_output(wait=True)
-            print(table(results[pick_model.value], pick_batch.value))
-            fig = plot_ladder({pick_model.value: rows(results[pick_model.value])}, pick_metric.value,
-                              pick_batch.value)
-            plt.show(fig)
+            display(table(results[m], b, caption=f"{m}, batch {b}:"))
+            display(fig)
 
-    for w in (pick_model, pick_batch, pick_metric):
-        w.observe(render, names="value")
+    def new_model(change):
+        bs = batches(change["new"])
+        busy.append(1)
+        try:
+            keep = pick_batch.value if pick_batch.value in bs else bs[0]
+            pick_batch.options = bs
+            pick_batch.value = keep
+        finally:
+            busy.clear()
+        render()
+
+    pick_model.observe(new_model, names="value")
+    pick_batch.observe(render, names="value")
+    pick_metric.observe(render, names="value")
     render()
     box = W.VBox([W.HBox([pick_model, pick_batch, pick_metric]), out])
     return show(box, "[results explorer: pick a model, a batch size and a metric]")

@@ -4,9 +4,11 @@ Lesson: notebook 01, section "4. Where time and memory go"; notebook 05, section
 
 Workload: one 768×768 image (a 2×2 tiling: 5 ViT passes, 1023 image tokens), a 32-token text prompt, 64 new tokens
 with EOS ignored, at a given batch size. :func:`timed` gives the median of ``repeats`` runs after ``warmup`` runs
-(p10/p90 kept), with CUDA events on GPUs; :func:`measure_generate` is the one measurement of that workload that the
-benchmark (:mod:`vl2lab.perf.bench`) and the tuning ladder (:mod:`vl2lab.perf.rungs`) share. :func:`environment`
-names the hardware and versions a result was measured with.
+(p10/p90 kept), with CUDA events on GPUs; :func:`time_steps` times a generation step by step from marks set inside
+its loop (the prefill, then each decode step on its own: never a difference of two totals);
+:func:`measure_generate` is the one measurement of that workload that the benchmark (:mod:`vl2lab.perf.bench`), the
+tuning ladder (:mod:`vl2lab.perf.rungs`) and, through :func:`time_steps`, transformers' peer
+(:mod:`vl2lab.perf.peer`) share. :func:`environment` names the hardware and versions a result was measured with.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vl2lab.model.generation import step_hook
+
 __all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image",
-           "workload_conversation", "real_tiles", "timed", "measure_generate"]
+           "workload_conversation", "real_tiles", "stats", "timed", "time_steps", "measure_generate"]
 
 IMAGE_SIZE = (768, 768)
 PROMPT_TOKENS = 32
@@ -98,6 +102,12 @@ def real_tiles(batch) -> torch.Tensor:
     return torch.cat([batch["images"][b, :n] for b, n in enumerate(per)], dim=0)
 
 
+def stats(times: list) -> dict:
+    """Median, p10, p90 and count of ``times`` (seconds)."""
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return {"median": statistics.median(times), "p10": q[0], "p90": q[-1], "n": len(times)}
+
+
 def timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
     """Median, p10, p90 (seconds) of ``repeats`` calls of ``fn`` after ``warmup`` calls; CUDA events on GPUs."""
     cuda = torch.device(device).type == "cuda"
@@ -117,32 +127,81 @@ def timed(fn, device: torch.device, repeats: int, warmup: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return {"median": statistics.median(times), "p10": q[0], "p90": q[-1], "n": len(times)}
+    return stats(times)
+
+
+def time_steps(run, device, repeats: int, warmup: int, clock=time.perf_counter) -> tuple:
+    """Time the phases of a generation from marks it sets itself.
+
+    ``run(mark)`` generates once and calls ``mark(tokens)`` when it has chosen its first token (the end of the
+    prefill) and again after every decode step. With m₀ set just before the call and m₁, m₂, … at the marks::
+
+        prefill = m₁ − m₀        decode step k = m₍ₖ₊₁₎ − mₖ  (k ≥ 1)        end to end = m_last − m₀
+
+    On a GPU a mark is a CUDA event recorded on the current stream (the device's own clock, no synchronisation
+    inside the loop); elsewhere it is ``clock()`` read once the step's tokens are on the CPU. ``warmup`` untimed
+    runs come first. → ({"prefill_s", "decode_step_s", "e2e_s": median/p10/p90/n}, what the last run returned);
+    ``decode_step_s`` pools every step of every timed run, so it is a per-step time, positive by construction.
+    """
+    cuda = torch.device(device).type == "cuda"
+
+    def stamp(tokens=None):
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        if tokens is not None:
+            tokens.to("cpu")                                        # the step's result exists on the host
+        return clock()
+
+    prefill, steps, total, result = [], [], [], None
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        marks = [stamp()]
+        result = run(lambda tokens=None: marks.append(stamp(tokens)))
+        if cuda:
+            torch.cuda.synchronize(device)
+            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        else:
+            gaps = [b - a for a, b in zip(marks, marks[1:])]
+        if not gaps:
+            raise RuntimeError("time_steps: the run set no mark (does it call mark() after each step?)")
+        if i >= warmup:
+            prefill.append(gaps[0])
+            steps += gaps[1:]
+            total.append(sum(gaps))
+    out = {"prefill_s": stats(prefill), "e2e_s": stats(total)}
+    if steps:
+        out["decode_step_s"] = stats(steps)
+    return out, result
 
 
 def measure_generate(vl2, processor, conv, batch_size: int, decode: str = "eager", repeats: int = 3,
                      warmup: int = 1, new_tokens: int = NEW_TOKENS) -> dict:
-    """Time the vision tower on the batch's tiles, ``generate`` of 1 token (prefill) and of ``new_tokens``
-    (EOS ignored) for ``batch_size`` copies of ``conv``; peak device memory of the full generation on GPUs.
-    Returns the batch (on the model's device), its real tiles, the three timings, the tokens and the peak."""
+    """The workload at ``batch_size`` copies of ``conv``: the vision tower on the batch's tiles (:func:`timed`),
+    then ``generate`` of ``new_tokens`` (EOS ignored) timed phase by phase (:func:`time_steps`, through
+    :func:`vl2lab.model.generation.step_hook`): prefill (vision + projector + the language model over the prompt,
+    up to the first token), every decode step, end to end; peak device memory of the generations on GPUs.
+    Returns the batch (on the model's device), its real tiles, the timings, the last run's tokens and the peak."""
     dev = next(vl2.parameters()).device
     dt = next(vl2.parameters()).dtype
     batch = processor(conversations=[conv] * batch_size).to(dev, dt)
     tiles = real_tiles(batch)                                        # [N real tiles, 3, 384, 384]
 
-    def gen(n):
-        return vl2.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True, decode=decode)
+    def gen(mark):
+        with step_hook(mark):
+            return vl2.generate(**batch, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
+                                decode=decode)
 
     out = {"batch": batch, "tiles": tiles}
     with torch.inference_mode():
         out["vision_s"] = timed(lambda: vl2.encode_tiles(tiles), dev, repeats, warmup)
-        out["prefill_s"] = timed(lambda: gen(1), dev, repeats, warmup)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        out["e2e_s"] = timed(lambda: gen(new_tokens), dev, repeats, warmup)
-        out["tokens"] = gen(new_tokens)
+        times, out["tokens"] = time_steps(gen, dev, repeats, warmup)
+        out.update(times)
     if dev.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
     return out
