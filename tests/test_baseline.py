@@ -179,11 +179,12 @@ def test_profile_in_process(tiny_snapshot):
     out = memory.profile(tiny_snapshot, batch_sizes=(1,), new_tokens=2, repeats=1, warmup=0)
     assert out["device"] == "cpu" and [r["batch"] for r in out["runs"]] == [1]
     for r in out["runs"]:
-        assert set(r["times"]) == {"preprocess", "vision", "projector", "prefill", "generate_1", "generate_n"}
+        assert set(r["times"]) == {"preprocess", "vision", "projector", "prefill", "generate_first", "decode", "generate"}
         assert r["image_tokens"] == 1023 and r["tiles"] == 5 * r["batch"] and r["prompt_len"] > 1023
         assert all(t["median"] > 0 for t in r["times"].values())
         assert r["predicted"]["total"] == sum(r["predicted"][k] for k in ("weights", "kv_cache", "activations"))
-        assert set(r["peak_delta_bytes"]) == {"vision", "projector", "prefill", "generate_1", "generate_n"}
+        assert set(r["peak_delta_bytes"]) == {"vision", "projector", "prefill", "generate"}
+        assert r["times"]["decode"]["n"] == 1 and r["decode_s_per_token"] == r["times"]["decode"]["median"] > 0
 
 
 def test_prefill_memory_in_process(tiny_snapshot):

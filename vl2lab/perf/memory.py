@@ -27,9 +27,9 @@ from vl2lab.launch import progress
 from vl2lab.model.attention import attention_kernel
 from vl2lab.model.build import build_on_device
 from vl2lab.model.dtypes import as_dtype, dtype_bytes
-from vl2lab.model.generation import chunked_prefill
+from vl2lab.model.generation import chunked_prefill, step_hook
 from vl2lab.parallel.groups import device as rank_device
-from vl2lab.perf.workload import environment, real_tiles, timed, workload_conversation, workload_image
+from vl2lab.perf.workload import environment, real_tiles, time_steps, timed, workload_conversation, workload_image
 from vl2lab.planner import sizing
 from vl2lab.planner.layouts import layout_bytes
 from vl2lab.weights.pretrained import load_pretrained
@@ -98,8 +98,9 @@ def profile(snapshot: str, dtype: str = "float32", batch_sizes=(1,), new_tokens:
     ``new_tokens`` new tokens, EOS ignored) at each batch size, stage by stage, on this rank's device.
 
     Stages: preprocess (processor, CPU), vision (tower over all tiles), projector, prefill (the language model over
-    the prompt embeddings), decode per token = (generate(n) − generate(1)) / (n − 1); e2e = preprocess +
-    generate(n). Memory (:class:`PeakMemory`): each device stage's peak above what was in use before it, beside
+    the prompt embeddings), and ``generate`` of n tokens timed step by step (:func:`vl2lab.perf.workload.time_steps`):
+    its first token (``generate_first``: vision, projector, prefill and the first choice), then each decode step on
+    its own (``decode``: the median over every step of every timed run); e2e = preprocess + generate. Memory (:class:`PeakMemory`): each device stage's peak above what was in use before it, beside
     :func:`vl2lab.planner.layouts.layout_bytes` for the same batch and length; ``peak_total_bytes`` is
     generate(n)'s peak itself (GPU: allocated bytes, weights included; CPU: the whole process's resident set)."""
     dev = rank_device()
@@ -113,15 +114,17 @@ def profile(snapshot: str, dtype: str = "float32", batch_sizes=(1,), new_tokens:
         convs = [conv] * b
         batch = processor(conversations=convs).to(dev, as_dtype(dtype))
         tiles, T = real_tiles(batch), int(batch["input_ids"].shape[1])
-        gen = lambda n: model.generate(**batch, max_new_tokens=n, do_sample=False, ignore_eos=True)  # noqa: E731
+
+        def gen(mark=None):
+            with step_hook(mark or (lambda tokens: None)):
+                return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
         with torch.inference_mode():
             feats = model.encode_tiles(tiles)
             embeds = model.prepare_inputs_embeds(batch["input_ids"], batch["images"], batch["images_seq_mask"],
                                                  batch["images_spatial_crop"])
             stages = {"vision": lambda: model.encode_tiles(tiles), "projector": lambda: model.projector(feats),
                       "prefill": lambda: lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                            cache=lm.new_cache(T), num_logits_to_keep=1),
-                      "generate_1": lambda: gen(1), "generate_n": lambda: gen(new_tokens)}
+                                            cache=lm.new_cache(T), num_logits_to_keep=1)}
             t = {"preprocess": timed(lambda: processor(conversations=convs), torch.device("cpu"), repeats, warmup)}
             mem = {}
             for name, fn in stages.items():
@@ -129,12 +132,17 @@ def profile(snapshot: str, dtype: str = "float32", batch_sizes=(1,), new_tokens:
                 with PeakMemory(dev) as m:
                     fn()
                 mem[name] = m.delta
+            steps, _ = time_steps(gen, dev, repeats, warmup)
+            t.update(generate_first=steps["prefill_s"], decode=steps["decode_step_s"], generate=steps["e2e_s"])
+            with PeakMemory(dev) as m:
+                gen()
+            mem["generate"] = m.delta
         pred = layout_bytes(cfg, dtype=dtype, batch=b, seq_len=T + new_tokens, tiles=int(tiles.shape[0]) // b)
-        gen_n = t["generate_n"]["median"]
+        gen_n = t["generate"]["median"]
         out["runs"].append({
             "batch": b, "prompt_len": T, "tiles": int(tiles.shape[0]),
             "image_tokens": int(batch["images_seq_mask"][0].sum()),
-            "times": t, "decode_s_per_token": (gen_n - t["generate_1"]["median"]) / max(new_tokens - 1, 1),
+            "times": t, "decode_s_per_token": t["decode"]["median"],
             "e2e_s": t["preprocess"]["median"] + gen_n, "tokens_per_s": b * new_tokens / gen_n,
             "images_per_s": b / (t["preprocess"]["median"] + gen_n), "peak_delta_bytes": mem,
             "peak_total_bytes": m.peak,
