@@ -4,8 +4,9 @@ vl2-micro snapshot's answers against its report: tests/test_micro.py.)
 
 One launch at world size 2 runs every distributed check (a launch costs seconds of imports on a small machine):
 resume equals an uninterrupted run, W×b gradients equal one process on W·b, sharded answers equal single-process
-answers, the measured all-reduce bytes equal the computed ones, DDP around an inference model changes nothing,
-and each bad input gives its one clear error.
+answers, the bytes DDP's communication hook saw equal 4 bytes × each parameter that needs a gradient (and match
+DDP's own record of its buckets), DDP around an inference model (wrapped as the article wraps it) changes no output
+and broadcasts what the notebook says, and each bad input gives its one clear error.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 import vl2lab
 from vl2lab.lessons import ddp_checks
@@ -24,7 +27,7 @@ from vl2lab.model.config import published_config_dict
 from vl2lab.parallel import groups as vdist
 from vl2lab.train import batches, ddp, scenes, score
 from vl2lab.train.eval import shard_eval
-from vl2lab.train.loop import resolve_config
+from vl2lab.train.loop import log_buckets, resolve_config
 from vl2lab.train.tower import eval_batch, pretrain_tower
 from vl2lab.weights.pretrained import CheckpointError, load_pretrained
 
@@ -77,12 +80,12 @@ def rank_suite(root: str) -> dict:
     if vdist.rank() == 0:
         model, processor = load_pretrained(model_path)
         single = score.predict(model, processor, list(scenes.dataset("eval", 5)), batch_size=1)
-    overhead = ddp_checks.inference_ddp_overhead(model_path, n=2, repeats=1)
-    computed = ddp_checks.allreduce_bytes_per_step(load_pretrained(model_path)[0])
+    overhead = ddp_checks.inference_ddp_overhead(model_path, n=2, repeats=2)
+    traffic = ddp_checks.gradient_traffic(batch_size=1, steps=3, tokenizer_dir=os.path.join(a, "tokenizer"))
     return {"full": full, "part": part, "rest": rest, "max_weight_diff": max(float((wa[k] - wb[k]).abs().max())
                                                                             for k in wa),
             "errors": errors, "grads": grads, "sharded": sharded, "single": single, "overhead": overhead,
-            "computed_bytes": computed, "stage0": stage0, "frozen": frozen}
+            "traffic": traffic, "stage0": stage0, "frozen": frozen}
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +115,45 @@ def test_sharded_eval_equals_single_process_in_order(suite):
     assert s["per_rank"] == [3, 2] and s["padded_slots_skipped"] == 1
 
 
-def test_measured_allreduce_bytes_equal_computed(suite):
-    c = suite[0]["computed_bytes"]
-    assert c["total_bytes"] == 4 * c["n_params"]
-    assert c["buckets"][0]["bytes"] >= 1 << 20 and sum(b["bytes"] for b in c["buckets"]) == c["total_bytes"]
+def _trainable(frozen_tower: bool) -> dict:
+    """{name: numel} of vl2-micro's parameters that need a gradient (read from the module, on the meta device)."""
+    return {n: p.numel() for n, p in build_model("vl2-micro", device="meta").named_parameters()
+            if not (frozen_tower and n.startswith("vision."))}
+
+
+def test_hook_bytes_are_four_bytes_per_trainable_parameter(suite):
+    """What DDP's hook saw in the training runs and in gradient_traffic against the module's parameter count, and
+    the buckets against DDP's own logging record; every rank logged the same buckets."""
+    whole, frozen = _trainable(False), _trainable(True)
     for r in suite.values:
-        assert r["full"]["allreduce_bytes_per_step"] == c["total_bytes"]
+        assert r["full"]["allreduce_bytes_by_step"] == [4 * sum(whole.values())] * 2
+        assert r["frozen"]["allreduce_bytes_by_step"] == [4 * sum(frozen.values())] * 2
+        for variant, names in (("whole model", whole), ("tower frozen", frozen)):
+            v = r["traffic"][variant]
+            assert v["trainable_numel"] == sum(names.values()) and len(v["steps"]) == 3
+            for st in v["steps"]:
+                assert sorted(n for b in st for n in b["params"]) == sorted(names)      # each gradient once
+                assert sum(b["bytes"] for b in st) == 4 * sum(names.values())
+            assert [b["bytes"] for b in v["steps"][0]] == v["ddp_bucket_sizes"]
+            assert all([b["bytes"] for b in st] == v["ddp_rebuilt_bucket_sizes"] for st in v["steps"][1:])
+            assert v["steps"] == suite[0]["traffic"][variant]["steps"]
 
 
-def test_ddp_around_inference_adds_cost_not_value(suite):
+def test_ddp_around_inference_as_the_article_wraps_it(suite):
+    """Default DDP (broadcast_buffers=True): the construction broadcasts parameters and buffers; the buffers again
+    before the first inference-mode forward only, and before each forward that follows one with gradients; no
+    gradient is all-reduced in inference mode; the outputs are unchanged."""
     for r in suite.values:
         o = r["overhead"]
-        assert o["max_abs_diff"] == 0.0
-        assert o["wrap_s"] > 0 and o["param_bytes_broadcast"] == o["bucket_bytes"] > 0
+        buffers = sum(b for _, b in o["buffers"])
+        sent = lambda calls: sum(c["bytes"] for c in calls)
+        assert o["max_abs_diff"] == 0.0 and o["wrap_s"] > 0
+        assert [n for n, _ in o["buffers"]] == ["vision.embeddings.position_ids"]
+        assert sent(o["construction_broadcasts"]) == o["param_bytes"] + buffers
+        assert [sent(c) for c in o["inference_broadcasts"]] == [buffers, 0]
+        assert [sent(c) for c in o["grad_broadcasts"]] == [0, buffers, buffers]
+        assert o["buckets_reduced_in_inference"] == 0 and o["buckets_reduced_with_grad"] >= 3
+        assert sum(o["ddp_bucket_sizes"]) == o["param_bytes"]
 
 
 def test_stage0_tower_is_loaded_and_stays_frozen(suite):
@@ -137,7 +166,6 @@ def test_stage0_tower_is_loaded_and_stays_frozen(suite):
     for e in r["stage0"]["evals"]:
         assert abs(e["shape_patch_accuracy"] * on - round(e["shape_patch_accuracy"] * on)) < 1e-3, (e, on)
     assert r["frozen"]["tower_unchanged"] and r["frozen"]["tower_differs_from_init"]
-    assert r["frozen"]["allreduce_bytes_per_step"] < r["full"]["allreduce_bytes_per_step"]
     assert "no pre-trained tower at" in r["errors"]["no_tower"] and "stage 0" in r["errors"]["no_tower"]
 
 
@@ -194,8 +222,24 @@ def test_uneven_last_batch_is_dropped_and_order_is_pure():
     assert len(seen) == 4 and set(seen) <= set(range(5))
 
 
-def test_bucket_plan_follows_caps():
-    lin = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(10)])   # 256 KiB each
-    plan = ddp_checks.allreduce_bytes_per_step(lin, bucket_cap_mb=1.0)
-    assert [b["params"] for b in plan["buckets"]] == [4, 4, 2]
-    assert plan["total_bytes"] == 10 * 256 * 256 * 4
+def test_hook_logs_every_bucket_of_one_rank():
+    """In this process, one gloo rank: ten 256 KiB layers, the last frozen, 1 MiB buckets. Each step the hook logs
+    the 9 trainable gradients once (4 bytes per parameter), in buckets equal to DDP's own record of them (which
+    holds the rebuilt buckets from the third forward on)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(10)])
+        net[9].requires_grad_(False)
+        ddp = DistributedDataParallel(net, bucket_cap_mb=1)
+        log = log_buckets(ddp)
+        for _ in range(3):
+            ddp(torch.randn(3, 256)).sum().backward()
+        record = ddp._get_ddp_logging_data()
+    finally:
+        dist.destroy_process_group()
+    assert len(log) == 3
+    for st in log:
+        assert sorted(n for b in st for n in b["params"]) == sorted(f"{i}.weight" for i in range(9))
+        assert sum(b["bytes"] for b in st) == 9 * 256 * 256 * 4
+    assert ", ".join(str(b["bytes"]) for b in log[0]) == record["bucket_sizes"]
+    assert all(", ".join(str(b["bytes"]) for b in st) == record["rebuilt_bucket_sizes"] for st in log[1:])

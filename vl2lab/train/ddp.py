@@ -28,14 +28,14 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from vl2lab.launch import progress
 from vl2lab.launch.payload import refusal
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config
 from vl2lab.parallel import groups as vdist
 from vl2lab.train.batches import backward_step, step_examples, task_processor
-from vl2lab.train.loop import TrainingError, lr_schedule, resolve_config, wrap_ddp
+from vl2lab.train.loop import TrainingError, log_buckets, lr_schedule, resolve_config, wrap_ddp
 from vl2lab.train.scenes import dialogues
 from vl2lab.train.tower import load_tower
 from vl2lab.weights.pretrained import CheckpointError, load_pretrained, save_pretrained
@@ -108,14 +108,6 @@ def load_checkpoint(out: str, cfg: VL2Config, args: dict) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _counting_hook(state: dict, bucket):
-    """DDP communication hook: count the bytes of each gradient bucket, then all-reduce it (average)."""
-    buf = bucket.buffer()
-    state["bytes"] += buf.numel() * buf.element_size()
-    state["buckets"] += 1
-    return default_hooks.allreduce_hook(None, bucket)
-
-
 def _check_request(world: int, n_train: int, batch_size: int, steps: int, stop_at: Optional[int],
                    vision_lr_mult: float, curriculum: list) -> None:
     """One clear :class:`TrainingError` for a run that cannot go as asked."""
@@ -152,7 +144,9 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
     ``tower``: a pre-trained vision tower (:mod:`vl2lab.train.tower`) to start from; ``vision_lr_mult=0``
     freezes the tower (no gradient, no all-reduce for it), as DeepSeek-VL2's first stage does.
     ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). Returns (every rank)
-    the loss history, the measured all-reduce bytes per step and timings."""
+    the loss history, the all-reduce bytes and buckets of every step as DDP's communication hook saw them
+    (:func:`vl2lab.train.loop.log_buckets`; their mean, ``allreduce_bytes_per_step``) and timings. Reports
+    "training step n/N" as the rank's progress."""
     world, rank = vdist.world_size(), vdist.rank()
     curriculum = [(float(f), int(k)) for f, k in curriculum]
     _check_request(world, n_train, batch_size, steps, stop_at, vision_lr_mult, curriculum)
@@ -178,11 +172,10 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
     ddp = wrap_ddp(model) if world > 1 else model
-    comm = {"bytes": 0, "buckets": 0}
-    if world > 1:
-        ddp.register_comm_hook(comm, _counting_hook)
+    sent = log_buckets(ddp) if world > 1 else []          # what DDP all-reduced, bucket by bucket, per step
     stages = [(int(f * steps), dialogues("train", n_train, max_shapes=k)) for f, k in curriculum]
     t0, end = time.time(), stop_at or steps
+    progress.report("training step", start, end)
     for step in range(start, end):
         for grp in opt.param_groups:
             grp["lr"] = lr * grp["lr_mult"] * lr_schedule(step, steps, warmup, min_lr_ratio)
@@ -197,6 +190,7 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
             dist.all_reduce(loss_t)
         history.append({"step": step + 1, "loss": float(loss_t) / n_all, "lr": opt.param_groups[0]["lr"],
                         "grad_norm": float(norm), "time_s": time.time() - t0})
+        progress.report("training step", step + 1, end)
         if rank == 0 and (step + 1) % log_every == 0:
             h = history[-1]
             print(f"step {h['step']:5d}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  {h['time_s']:.0f} s", flush=True)
@@ -205,7 +199,8 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
                 save_checkpoint(out, model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
                                                         "history": history, "config": cfg.to_dict(), "args": args})
             vdist.barrier()
-    steps_run = max(1, end - start)
+    bytes_per_step = [sum(b["bytes"] for b in st) for st in sent]
     return {"history": history, "steps_run": end - start, "train_s": time.time() - t0,
-            "allreduce_bytes_per_step": comm["bytes"] / steps_run, "buckets_per_step": comm["buckets"] / steps_run,
+            "allreduce_bytes_per_step": sum(bytes_per_step) / max(1, len(sent)),
+            "allreduce_bytes_by_step": bytes_per_step, "buckets_by_step": [len(st) for st in sent],
             "checkpoint": os.path.join(out, "checkpoint")}

@@ -8,7 +8,9 @@ head) to a multiple of W::
     rank r answers  { i = r + k·W  :  k = 0, 1, …,  i < n }          (padded slots, i ≥ n, are skipped)
 
 so every example is answered exactly once, whatever W; with more ranks than examples the extra ranks get no work.
-Each rank loads the whole snapshot (:func:`load_eval_model`) and answers greedily (:func:`vl2lab.train.score.predict`).
+Each rank loads the whole snapshot (:func:`load_eval_model`) and answers greedily (:func:`vl2lab.train.score.predict`),
+one question type at a time (``predict`` batches within a type, so the batches are the ones it would make), and
+reports "evaluating n/N" as its progress.
 """
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from vl2lab.launch import progress
 from vl2lab.parallel import groups as vdist
 from vl2lab.train.loop import TrainingError
 from vl2lab.train.scenes import dataset
 from vl2lab.train.score import predict
 from vl2lab.weights.pretrained import check_processor_files, load_pretrained
 
-__all__ = ["shard_eval", "load_eval_model"]
+__all__ = ["shard_eval", "load_eval_model", "answer"]
 
 
 def load_eval_model(model_path: str, dtype: torch.dtype = torch.float32) -> tuple:
@@ -33,6 +36,20 @@ def load_eval_model(model_path: str, dtype: torch.dtype = torch.float32) -> tupl
     if model_path != "vl2-micro":
         check_processor_files(model_path, required=True)        # before any weight is read
     return load_pretrained(model_path, dtype=dtype, device=vdist.device())
+
+
+def answer(model, processor, examples: list, batch_size: int = 8) -> list:
+    """:func:`predict`'s answers to ``examples``, in order, one question type at a time, with progress reports."""
+    out: list = [None] * len(examples)
+    done = 0
+    progress.report("evaluating", done, len(examples))
+    for q in dict.fromkeys(ex.qtype for ex in examples):
+        idx = [i for i, ex in enumerate(examples) if ex.qtype == q]
+        for i, a in zip(idx, predict(model, processor, [examples[i] for i in idx], batch_size)):
+            out[i] = a
+        done += len(idx)
+        progress.report("evaluating", done, len(examples))
+    return out
 
 
 def shard_eval(model_path: str, split: str = "eval", n: int = 200, batch_size: int = 8) -> Optional[dict]:
@@ -45,9 +62,10 @@ def shard_eval(model_path: str, split: str = "eval", n: int = 200, batch_size: i
     ds = dataset(split, n)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
     mine = [i for k, i in enumerate(sampler) if rank + k * world < n]   # position rank + k·W of the padded list
+    progress.report("loading the snapshot")
     model, processor = load_eval_model(model_path)
     t0 = time.time()
-    answers = predict(model, processor, [ds[i] for i in mine], batch_size) if mine else []
+    answers = answer(model, processor, [ds[i] for i in mine], batch_size) if mine else []
     local = {"rank": rank, "pairs": list(zip(mine, answers)), "time_s": time.time() - t0}
     gathered = [None] * world if rank == 0 else None
     if world > 1:
