@@ -1,4 +1,4 @@
-"""The official layer split against one device, on N ranks: the same tokens, bit-identical logits.
+"""The layer split (after the official recipe) against one device, on N ranks: the same tokens, bit-identical logits.
 
 Lesson: notebook 04, sections "6. Three ways to use 4 devices" and "8. Beyond one machine".
 """

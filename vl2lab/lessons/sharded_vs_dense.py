@@ -1,6 +1,7 @@
 """Rank functions for the whole model on N ranks: the sharded model against the single-device one, and a deployment.
 
-Lesson: notebook 04 (full 4-GPU deployment), sections 4-6.
+Lesson: notebook 04, sections "2. Run it on 4 ranks", "3. Identical answers to one device" and
+"5. Communication per generated token".
 
 Every public function here runs on every rank (``vl2lab.run`` initialises the process
 group; without one they run as world size 1) and returns plain data.
@@ -13,7 +14,9 @@ float32 and (1e-7, 1e-7) in float64 (bfloat16 is reported, not judged). Greedy t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -30,12 +33,12 @@ from vl2lab.parallel.groups import rank_world
 from vl2lab.parallel.load import load_sharded
 from vl2lab.parallel.plan import ShardingError
 from vl2lab.parallel.shard import set_vision_mode, shard_model
-from vl2lab.serve.deploy import cleanup_snapshot, deploy, snapshot_for
+from vl2lab.serve.deploy import cleanup_snapshot, deploy, snapshot_for, sync
 from vl2lab.serve.generate import main as generate_main
 from vl2lab.weights.pretrained import load_pretrained, load_processor
 
 __all__ = ["compare_with_dense", "compare_all", "sharding_error", "check_world", "deploy_and_compare", "picture",
-           "test_batches", "greedy_with_logits", "TOLERANCES"]
+           "test_batches", "greedy_with_logits", "record_order", "TOLERANCES"]
 
 
 
@@ -76,16 +79,48 @@ def _logit_diff(got: torch.Tensor, ref: torch.Tensor, dtype) -> dict:
     return out
 
 
-def greedy_with_logits(model, batch, max_new_tokens: int, count: bool = False):
+def record_order(model, counter: CommCounter, log: list) -> list:
+    """Hooks that append to ``log``, in the order they run, one entry per forward of the embedding, of each layer's
+    attention and feed-forward, and of the LM head: {"step": the language forward it ran in (0 = prefill, 1 = the
+    first decode step, ...), "module", "t0", "t1" (perf_counter, the device synchronised: one clock for every
+    process of a host), "all_reduce", "all_gather", "all_reduce_bytes", "all_gather_bytes"} — the collectives it
+    made, read from ``counter``'s running totals. Returns the handles (remove them when done)."""
+    device = next(model.parameters()).device
+    mods = comm_modules(model)
+    step, open_ = [-1], {}
+
+    def next_step(*_):
+        step[0] += 1
+
+    def pre(name, *_):
+        sync(device)
+        open_[name] = (dict(counter.totals), time.perf_counter())
+
+    def post(name, *_):
+        sync(device)
+        before, t0 = open_.pop(name)
+        log.append({"step": step[0], "module": name, "t0": t0, "t1": time.perf_counter(),
+                    **{k: counter.totals[k] - before[k] for k in counter.totals}})
+    hooks = [mods.pop("language").register_forward_pre_hook(next_step)]
+    for name, mod in mods.items():
+        hooks += [mod.register_forward_pre_hook(functools.partial(pre, name)),
+                  mod.register_forward_hook(functools.partial(post, name))]
+    return hooks
+
+
+def greedy_with_logits(model, batch, max_new_tokens: int, count: bool = False, order: Optional[list] = None):
     """Greedy tokens [B, N] and the prefill logits generate used (last position of each row, [B, 1, V]); with
-    ``count``, also the CommCounter of the call."""
+    ``count``, also the CommCounter of the call; with ``order`` (a list), the :func:`record_order` log too."""
     first = []
-    hook = model.language.register_forward_hook(lambda m, a, out: first.append(out[0]) if not first else None)
+    hooks = [model.language.register_forward_hook(lambda m, a, out: first.append(out[0]) if not first else None)]
     try:
-        with CommCounter(comm_modules(model) if count else None) as c, torch.no_grad():
+        with CommCounter(comm_modules(model) if count or order is not None else None) as c, torch.no_grad():
+            if order is not None:
+                hooks += record_order(model, c, order)
             tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     return tokens.cpu(), first[0].cpu(), c
 
 
@@ -100,7 +135,8 @@ def _run_combo(model, ref: dict, batches: dict, max_new_tokens: int, dtype) -> d
     """Prefill logits and greedy tokens of ``model`` against the dense reference, with the collectives counted."""
     out = {"tokens": {}, "tokens_equal": True, "logits": {}, "collectives_per_block": {}}
     for name, batch in batches.items():
-        tokens, logits, c = greedy_with_logits(model, batch, max_new_tokens, count=True)
+        order = [] if name == "single" else None
+        tokens, logits, c = greedy_with_logits(model, batch, max_new_tokens, count=True, order=order)
         out["logits"][name] = _logit_diff(logits, ref[name]["logits"], dtype)
         out["tokens"][name] = tokens
         out["tokens_equal"] &= bool(torch.equal(tokens, ref[name]["tokens"]))
@@ -109,6 +145,7 @@ def _run_combo(model, ref: dict, batches: dict, max_new_tokens: int, dtype) -> d
             out["comm_prefill"] = {k: c.totals[k] - sum(s[k] for s in steps[1:]) for k in c.totals}
             out["comm_per_token"] = steps[1] if len(steps) > 1 else None
             out["comm_per_token_constant"] = all(s == steps[1] for s in steps[1:])
+            out["decode_order"] = [e for e in order if e["step"] == 1]      # the first decode step, in order
         for mod_name, calls in c.calls.items():
             kind = mod_name.split(".")[-1]
             if kind in ("self_attn", "mlp"):

@@ -1,6 +1,6 @@
 """Three ways to use N ranks for the same requests, measured side by side: one tensor-parallel model, N
-data-parallel replicas (in DistributedDataParallel, as the source article wraps them), and the official layer
-split (consecutive decoder layers per rank).
+data-parallel replicas (in DistributedDataParallel, as the source article wraps them), and a layer split after
+the official recipe (consecutive decoder layers per rank: :mod:`vl2lab.parallel.pipeline` says where it differs).
 
 Lesson: notebook 04, section "6. Three ways to use 4 devices", and notebook 05, section "7. Tensor parallelism or
 data-parallel replicas, for throughput".
@@ -61,7 +61,8 @@ def three_layouts(snapshot_path: str, n_requests: int = 8, max_new_tokens: int =
       does; a ``DistributedSampler(shuffle=False)`` gives rank r the requests r, r+N, …, answered as one batch.
       The lone request runs on rank 0 while the others wait. ``ddp_forward_collectives``: the all-reduces and
       all-gathers one DDP forward makes (none: DDP only all-reduces gradients, in a backward pass).
-    * ``layer_split``: :mod:`vl2lab.parallel.pipeline` (consecutive layers per rank); all requests as one batch.
+    * ``layer_split``: :mod:`vl2lab.parallel.pipeline` (consecutive layers per rank, the norm and lm_head on the
+      last one); all requests as one batch.
 
     Per layout: this rank's parameter bytes, latency_s, batch_s (barrier to barrier: until the slowest rank is
     done), the lone request's tokens and the compute intervals of its forwards on this rank (perf_counter: one

@@ -1,18 +1,26 @@
-"""Layer split: consecutive decoder layers on consecutive ranks, the official repository's multi-GPU placement.
+"""Layer split: consecutive decoder layers on consecutive ranks, after the official multi-GPU recipe.
 
-Lesson: notebook 04 (full 4-GPU deployment), section 6 ("Three ways to use 4 devices").
+Lesson: notebook 04, section "6. Three ways to use 4 devices".
 
-The official DeepSeek-VL2 code has no tensor parallelism; its answer to "the model does not fit one GPU" is a
-``device_map`` that gives each GPU a run of whole decoder layers (small: [13, 14], base: [10, 10, 10]). Here each
-rank is one process holding, for N ranks and L layers split as [a_0 = 0, a_1, …, a_N = L)::
+The official DeepSeek-VL2 code has no tensor parallelism, and its own inference code loads the model on one GPU.
+The answer its maintainers point to for "the model does not fit one GPU" is the ``split_model`` recipe posted in
+the repository's issue #8, which builds a ``device_map`` for ``from_pretrained``: runs of whole decoder layers per
+GPU (small: [13, 14], base: [10, 10, 10]), then **the vision tower, projector, image_newline, view_seperator,
+embed_tokens, the final norm, lm_head and the last decoder layer on GPU 0**. A token's hidden states therefore leave
+GPU 0 after its first layers, cross every other GPU and come back to GPU 0 for the last layer, the norm and the
+head (accelerate moves them between devices); small's GPU 0 holds layers 0-12 and 26, GPU 1 layers 13-25.
+
+vl2lab keeps the recipe's runs of consecutive layers and its rank 0 (vision side and embedding), but ends the
+chain on the last rank instead of returning to rank 0. For N ranks and L layers split as [a_0 = 0, a_1, …, a_N = L)::
 
     rank 0       vision tower, projector, image_newline, view_seperator, embed_tokens,  layers [a_0, a_1)
     rank r       layers [a_r, a_{r+1})
     rank N−1     layers [a_{N−1}, L),  norm, lm_head
 
-By default the layers are spread as evenly as possible with the extra ones on the *last* ranks (rank 0 also holds
-the vision tower): 27 layers on 2 ranks → [13, 14], 30 on 3 → [10, 10, 10], 3 on 4 → [0, 1, 1, 1] (rank 0 then
-holds the vision side and the embedding only). ``sizes`` takes an explicit list, as the official device_map does.
+so a token makes N−1 hops instead of the recipe's N; the schedule is the same (one rank at a time). By default the
+layers are spread as evenly as possible with the extra ones on the *last* ranks (rank 0 also holds the vision
+tower): 27 layers on 2 ranks → [13, 14], 30 on 3 → [10, 10, 10], 3 on 4 → [0, 1, 1, 1] (rank 0 then holds the
+vision side and the embedding only). ``sizes`` takes an explicit list.
 
 One forward (the prefill, or one decode step) of B sequences × T new positions, hidden H, vocabulary V::
 
@@ -59,9 +67,10 @@ class LayerSplitError(ValueError):
 
 
 def layer_ranges(num_layers: int, world_size: int, sizes: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
-    """[(start, end)] of decoder layers per rank. ``sizes``: layers per rank (the official device_map lists, e.g.
-    [13, 14]); default: as even as possible, the extra layers on the last ranks. Rank 0 (vision, embedding) and the
-    last rank (norm, lm_head) may hold no layer; a rank in between must hold at least one."""
+    """[(start, end)] of decoder layers per rank. ``sizes``: layers per rank (the recipe's lists, e.g. [13, 14],
+    which the recipe then changes by moving the last layer to GPU 0); default: as even as possible, the extra
+    layers on the last ranks. Rank 0 (vision, embedding) and the last rank (norm, lm_head) may hold no layer; a
+    rank in between must hold at least one."""
     if world_size < 1:
         raise LayerSplitError(f"world_size must be >= 1, got {world_size}")
     if sizes is None:
