@@ -11,8 +11,16 @@ Lesson: notebook 05, section "The ladder, run here" (the ladder's tables).
 from __future__ import annotations
 
 import html
+import math
 
 from vl2lab.planner.sizing import format_table
+
+
+MISSING = "—"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _cell(value, floatfmt: str) -> str:
@@ -23,11 +31,13 @@ class Table:
     """Rows (dicts) shown as an HTML table in a notebook and as aligned text elsewhere.
 
     ``columns`` picks and orders the keys (default: the first row's); ``floatfmt`` formats floats;
-    ``caption`` is shown above the table (say what was measured, and on what).
+    ``caption`` is shown above the table (say what was measured, and on what). A value that is missing (None or
+    nan: e.g. a spread an older result file did not record) shows as a dash.
     """
 
     def __init__(self, rows: list[dict], columns=None, floatfmt: str = "{:.3f}", caption: str = ""):
-        self.rows = list(rows)
+        # a value that was not measured (nan, None) shows as a dash, never as "nan"
+        self.rows = [{k: MISSING if _missing(v) else v for k, v in r.items()} for r in rows]
         self.columns = list(columns or (self.rows[0] if self.rows else []))
         self.floatfmt = floatfmt
         self.caption = caption
