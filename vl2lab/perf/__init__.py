@@ -1,10 +1,11 @@
 """Performance: the fixed workload and its measurement (``workload``), time and memory on one device stage by stage
 (``memory``), the benchmark (``bench``), the tuning ladder (``rungs``, ``ladder``, ``report``), the floor
-(``roofline``), the decode-step profiler (``step_profile``), collectives timings (``collectives``) and transformers'
+(``roofline``), the best tensor-parallel speed-up the floor and the all-reduce latency allow (``tp_bound``), the
+decode-step profiler (``step_profile``), collectives timings (``collectives``) and transformers'
 own model as a peer (``peer``).
 
 Layers, bottom up (no module imports one above it): ``workload`` → ``roofline``, ``step_profile``, ``peer``,
-``collectives``, ``rungs``, ``memory`` → ``bench``, ``ladder``; ``report`` reads recorded JSON only. The perf layer
+``collectives``, ``rungs``, ``memory`` → ``tp_bound``, ``bench``, ``ladder``; ``report`` reads recorded JSON only. The perf layer
 builds on model, inputs, weights, parallel, planner and launch (and the workbook's figure functions, for the
 benchmark's plot and the results explorer), never on lessons, train or serve.
 

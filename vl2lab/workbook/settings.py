@@ -142,7 +142,8 @@ def resolve(namespace: dict, *, min_world_size: int = 1, quiet: bool = False) ->
         raise SettingsError(f"WORLD_SIZE={ws!r}: this notebook needs an integer ≥ {min_world_size}")
 
     if values["DEVICE"] == "auto":
-        values["DEVICE"] = "cuda" if (n_gpu > 0 and values["BACKEND"] != "gloo") else "cpu"
+        # the ranks get a GPU each, or the notebook runs on CPU processes (and says so: settings.hardware)
+        values["DEVICE"] = "cuda" if (0 < ws <= n_gpu and values["BACKEND"] != "gloo") else "cpu"
     if values["DEVICE"] not in ("cpu", "cuda"):
         raise SettingsError(f"DEVICE={values['DEVICE']!r}: use 'auto', 'cpu' or 'cuda'")
     if values["DEVICE"] == "cuda" and n_gpu == 0:
