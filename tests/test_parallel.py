@@ -208,3 +208,102 @@ def test_bus_factor():
     assert bus_factor("all_reduce", 1) == 0.0 and bus_factor("all_gather", 8) == 0.875
     with pytest.raises(ValueError, match="op must be one of"):
         bus_factor("broadcast", 2)
+
+
+# ------------------------------------------------------------------- f and g in a column → row block (section 3)
+def fg_collectives():
+    """Rank function: the all-reduces that f (copy_to_tp) and g (reduce_from_tp) make, forward and backward."""
+    from vl2lab.parallel.comm import CommCounter
+    from vl2lab.parallel.ops import copy_to_tp, reduce_from_tp
+
+    out = {}
+    for stage, op in (("f", copy_to_tp), ("g", reduce_from_tp)):
+        x = torch.ones(3, 4, requires_grad=True)
+        with CommCounter() as fwd:
+            y = op(x)
+        with CommCounter() as bwd:
+            y.backward(torch.ones_like(y))
+        out[stage] = {"forward": fwd.totals["all_reduce"], "backward": bwd.totals["all_reduce"]}
+    return out
+
+
+def test_fg_stages_say_what_the_ops_do():
+    """The table the f/g figure draws (tp_layers.FG_STAGES) agrees with the collectives the package's f and g
+    really make on 2 gloo ranks: 'all-reduce' is one all-reduce, 'identity' none."""
+    from vl2lab.launch.launcher import run
+    from vl2lab.lessons.tp_layers import FG_STAGES
+
+    counted = run("test_parallel:fg_collectives", world_size=2, backend="gloo", timeout=LAUNCH_TIMEOUT)[0]
+    stages = {st["stage"]: st for st in FG_STAGES}
+    for stage, dirs in counted.items():
+        for direction, n in dirs.items():
+            assert stages[stage][direction] == ("all-reduce" if n == 1 else "identity"), (stage, direction, n)
+    assert [st["stage"] for st in FG_STAGES if "local" not in (st["forward"], st["backward"])] == ["f", "g"]
+
+
+def test_fg_figure_draws_its_table():
+    """draw_fg_block: per panel, one all-reduce box spanning every lane where the table says all-reduce (g going
+    forward, f coming back), a dashed identity box per rank where it says identity, and one box per rank and
+    local stage in the rank's colour, labelled with the rank's block of the intermediate dimension."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vl2lab.lessons.tp_layers import column_row_block
+    from vl2lab.workbook import tp_plots
+    from vl2lab.workbook.plots import rank_color
+
+    block = column_row_block(intermediate=10, world_size=3)             # blocks [0,4) [4,7) [7,10)
+    fig = tp_plots.draw_fg_block(block)
+    try:
+        assert len(fig.axes) == 2
+        for ax, direction, reduced, copied in zip(fig.axes, ("forward", "backward"), ("g", "f"), ("f", "g")):
+            gids = [p.get_gid() for p in ax.patches]
+            assert [g for g in gids if g.startswith("all-reduce")] == [f"all-reduce:{reduced}"], direction
+            assert sorted(g for g in gids if g.startswith("identity")) == [f"identity:{copied}:{r}" for r in range(3)]
+            local = {g: p for g, p in zip(gids, ax.patches) if g.startswith("local")}
+            assert len(local) == 3 * 3
+            for r in range(3):
+                assert matplotlib.colors.same_color(local[f"local:column:{r}"].get_facecolor(), rank_color(r))
+            tall = next(p for g, p in zip(gids, ax.patches) if g.startswith("all-reduce"))
+            lane = local["local:row:0"]
+            assert tall.get_height() > 2.5 * lane.get_height()           # across all three lanes
+            assert abs(tall.get_x() - lane.get_x()) > 0.5                   # in its own stage's column
+            texts = [t.get_text() for t in ax.texts]
+            assert "X·W1[4:7]ᵀ\n+ b1[4:7]" in texts and "H_r·W2[:, 7:10]ᵀ" in texts
+            assert ax.get_title(loc="left").endswith(f"sits in {reduced}")
+        assert "[4, 3, 3]" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_check_hand_mlp_passes_true_shards_and_catches_a_wrong_one():
+    """check_hand_mlp on shards cut from the dense MLP itself: every row passes; a rank that reports the wrong
+    block (its neighbour's columns), or a dL/dX that skipped f's all-reduce, fails its rows."""
+    import torch.nn.functional as F
+
+    from vl2lab.lessons.tp_layers import check_hand_mlp
+
+    g = torch.Generator().manual_seed(0)
+    ints = lambda *s: torch.randint(-3, 4, s, generator=g).double()  # noqa: E731
+    x, gy, w = ints(3, 8), ints(3, 8), {"w1": ints(10, 8), "b1": ints(10), "w2": ints(8, 10), "b2": ints(8)}
+    xd = x.clone().requires_grad_()
+    p = {k: v.clone().requires_grad_() for k, v in w.items()}
+    pre = F.linear(xd, p["w1"], p["b1"])
+    y = F.linear(F.silu(pre), p["w2"], p["b2"])
+    y.backward(gy)
+    dense = {"pre": pre.detach(), "y": y.detach(), "grad_x": xd.grad, **{f"grad_{k}": v.grad for k, v in p.items()}}
+    # two ranks' honest results: their blocks, and halves of dL/dX as the terms reaching f (they add up)
+    ranks = [{"block": (s, e), "pre": dense["pre"][:, s:e], "y_by_hand": dense["y"], "y": dense["y"],
+              "grad_x": dense["grad_x"], "grad_x_reaching_f": dense["grad_x"] * f, "grad_w1": dense["grad_w1"][s:e],
+              "grad_b1": dense["grad_b1"][s:e], "grad_w2": dense["grad_w2"][:, s:e], "grad_b2": dense["grad_b2"]}
+             for (s, e), f in (((0, 5), 0.25), ((5, 10), 0.75))]
+    rows = {r["check"]: r for r in check_hand_mlp(ranks, dense)}
+    assert len(rows) == 10 and all(r["pass"] for r in rows.values()), [k for k, r in rows.items() if not r["pass"]]
+    assert rows["column output"]["rule"] == "exact: 0" and rows["column output"]["exact"]
+    ranks[1] = {**ranks[1], "block": (0, 5)}                          # claims the other rank's columns
+    bad = {r["check"]: r["pass"] for r in check_hand_mlp(ranks, dense)}
+    assert not bad["column output"] and not bad["dL/dW1 shard"] and bad["Y, with f and g"]
+    ranks[1] = {**ranks[1], "block": (5, 10), "grad_x": ranks[1]["grad_x_reaching_f"]}   # no all-reduce in f
+    bad = {r["check"]: r["pass"] for r in check_hand_mlp(ranks, dense)}
+    assert not bad["dL/dX (after f's all-reduce)"] and bad["column output"]

@@ -111,15 +111,23 @@ def test_each_attention_block_and_ffn_does_one_all_reduce(world):
 
 
 def test_collectives_per_generated_token(world):
-    """Decode step: embedding + 2 per layer all-reduces of [1, 1, H], one all-gather of the logits."""
+    """Decode step: embedding + 2 per layer all-reduces of [1, 1, H], one all-gather of the logits — counted on
+    the ranks, and what ``perf.collectives.decode_collectives`` (notebooks 02 and 04) predicts from the config."""
+    from types import SimpleNamespace
+
+    from vl2lab.perf.collectives import decode_collectives
+
     for ws, rank, key, res in _each(world):
         c, L, H = res["comm_per_token"], res["layers"], res["hidden"]
         assert c is not None and res["comm_per_token_constant"]
+        lm = SimpleNamespace(num_hidden_layers=L, hidden_size=H, vocab_size=res["vocab"])
+        pred = decode_collectives(lm, ws, dtype_bytes=4)                   # float32 ranks, batch 1
+        assert (c["all_reduce"], c["all_gather"]) == (pred["all_reduces"], pred["all_gathers"]), (key, c, pred)
+        assert (c["all_reduce_bytes"], c["all_gather_bytes"]) == (pred["all_reduce_bytes"], pred["all_gather_bytes"])
         if ws == 1:
             assert c == dict.fromkeys(c, 0)
             continue
         assert c["all_reduce"] == 2 * L + 1 and c["all_gather"] == 1, (key, c)
-        assert c["all_reduce_bytes"] == (2 * L + 1) * H * 4
         assert c["all_gather_bytes"] == ws * -(-res["vocab"] // ws) * 4      # padded to the largest share
         prefill = res["comm_prefill"]                      # + the tiles' all-gather in data-parallel vision
         assert prefill["all_reduce"] == 2 * L + 1

@@ -117,7 +117,7 @@ def article_row_as_batch_split(seed: int = 0, batch: int = 8, in_features: int =
     }
 
 
-# ------------------------------------------------------------------------------- pure table for drawings
+# ------------------------------------------------------------------------------- both, in one launch
 
 def article_examples(seed: int = 0, dtype: str = "float32") -> dict:
     """Both article reproductions in one rank function (one launch for the notebook cell)."""

@@ -3,13 +3,15 @@
 Lesson: notebook 02, sections "1. Two ways to split a linear layer",
 "2. Both splits on N ranks, checked against the dense layer" and "3. Column → row: one all-reduce per block".
 
-Every function except :func:`shard_table` is a *rank function*: it runs on every rank with
-``torch.distributed`` initialised and returns a plain dict (numbers, strings, CPU tensors).
+:func:`check_layers` is a *rank function*: it runs on every rank with ``torch.distributed`` initialised and
+returns a plain dict (numbers, strings, CPU tensors). :func:`shard_table`, :func:`column_row_block` and
+:func:`check_hand_mlp` run in the notebook: the shards of a split, the f/g placement of a column → row block
+(what the figure draws), and the verdicts on a tensor-parallel MLP built by hand in a ``%%torchrun`` cell.
 
 Tolerances. Each comparison reports max |Δ|, its rule, ``exact`` (Δ == 0 everywhere) and ``pass``:
 
 * ``copy`` — tol 0. Gathers and embedding lookups only move numbers (adding the zeros of other
-  ranks is exact).
+  ranks is exact). ``exact`` — tol 0 too: sums of small integers in float64 are exact in any order.
 * ``reorder(K)`` — the split computes the same K-term dot products as the dense layer (column output,
   weight gradients, the gathered blocks), so the result *could* be bit-exact, and in float32 often
   is. It is not guaranteed: on MKL (the CPU BLAS here) the GEMM kernel and its blocking/vector order
@@ -35,7 +37,8 @@ from vl2lab.parallel.groups import device as rank_device
 from vl2lab.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from vl2lab.parallel.ops import gather_from_tp, shard_range, split_sizes
 
-__all__ = ["check_layers", "shard_table", "Report", "close_dtype", "abs_mm", "TOLERANCES"]
+__all__ = ["check_layers", "shard_table", "column_row_block", "check_hand_mlp", "FG_STAGES", "Report",
+           "close_dtype", "abs_mm", "TOLERANCES"]
 
 # torch.testing.assert_close's defaults (atol, rtol), for sums an all-reduce reorders
 TOLERANCES = {torch.float32: (1e-5, 1.3e-6), torch.float64: (1e-7, 1e-7)}
@@ -60,8 +63,8 @@ class Report:
         if got.shape != ref.shape:
             raise ValueError(f"{name}: shape {tuple(got.shape)} vs dense {tuple(ref.shape)}")
         diff = (got - ref).abs()
-        if rule == "copy":
-            atol, rtol, text = 0.0, 0.0, "copy: 0"
+        if rule in ("copy", "exact"):
+            atol, rtol, text = 0.0, 0.0, f"{rule}: 0"
         elif rule == "reorder":  # any order of k terms: |Δ| <= k·eps·Σ|terms| / (1 - k·eps/2)
             atol = k * self.eps * float(torch.as_tensor(scale).detach()) / (1 - k * self.eps / 2)
             rtol, text = 0.0, f"reorder(K={k}): K·eps·max Σ|terms|"
@@ -228,7 +231,7 @@ def _check_layers(seed, dt, batch, seq, hidden, heads, head_dim, intermediate, v
     }
 
 
-# ------------------------------------------------------------------ the source article's two TP examples
+# ------------------------------------------------------------------------------ notebook side: shards and f/g
 
 def shard_table(out_features: int, in_features: int, world_size: int, unit: int = 1) -> dict:
     """Per-rank shard ranges and shapes of a dense W [out, in] split column-wise (out dim) and row-wise
@@ -248,3 +251,75 @@ def shard_table(out_features: int, in_features: int, world_size: int, unit: int 
             "column": column, "row": row,
             "column_finish": "output split: all-gather along the last dim if needed whole",
             "row_finish": "partial sums of full shape: one all-reduce, then the bias once"}
+
+
+# A column → row block (an MLP: up, activation, down) on every rank, in order: what each stage does to the
+# activations going forward and to their gradients coming back. "local": this rank's shard, no communication.
+# f and g are vl2lab.parallel.ops.copy_to_tp and reduce_from_tp (tests/test_parallel.py counts their collectives).
+FG_STAGES = (
+    {"stage": "f", "code": "copy_to_tp", "forward": "identity", "backward": "all-reduce"},
+    {"stage": "column", "code": "X·W1[s:e]ᵀ + b1[s:e]", "forward": "local", "backward": "local"},
+    {"stage": "activation", "code": "SiLU", "forward": "local", "backward": "local"},
+    {"stage": "row", "code": "H_r·W2[:, s:e]ᵀ", "forward": "local", "backward": "local"},
+    {"stage": "g", "code": "reduce_from_tp", "forward": "all-reduce", "backward": "identity"},
+)
+
+
+def column_row_block(intermediate: int, world_size: int, unit: int = 1) -> dict:
+    """The stages of a column → row block (:data:`FG_STAGES`) and each rank's block [s, e) of the intermediate
+    dimension: what :func:`vl2lab.workbook.tp_plots.draw_fg_block` draws. No torch.distributed needed."""
+    blocks = [shard_range(intermediate, r, world_size, unit) for r in range(world_size)]
+    return {"world_size": world_size, "intermediate": intermediate, "blocks": blocks,
+            "stages": [dict(st) for st in FG_STAGES]}
+
+
+# The hand-built MLP of notebook 02, section 3: (check, compared with, rule, key pulled from the rank, dense key,
+# the dim along which the dense tensor is cut to the rank's block [s, e), or None when the rank holds it whole)
+_HAND_MLP = (
+    ("column output", "dense pre-activation[:, s:e]", "exact", "pre", "pre", -1),
+    ("Y, one dist.all_reduce", "dense Y", "close", "y_by_hand", "y", None),
+    ("Y, with f and g", "dense Y", "close", "y", "y", None),
+    ("dL/dW1 shard", "dense dL/dW1[s:e]", "close", "grad_w1", "grad_w1", 0),
+    ("dL/db1 shard", "dense dL/db1[s:e]", "close", "grad_b1", "grad_b1", 0),
+    ("dL/dW2 shard", "dense dL/dW2[:, s:e]", "close", "grad_w2", "grad_w2", -1),
+    ("dL/db2 (whole)", "dense dL/db2", "exact", "grad_b2", "grad_b2", None),
+    ("dL/dX (after f's all-reduce)", "dense dL/dX", "close", "grad_x", "grad_x", None),
+)
+
+
+def check_hand_mlp(ranks: list, dense: dict) -> list:
+    """Every rank's hand-built tensor-parallel MLP (``ranks[r]``: the dict its ``%%torchrun`` cell pulled back)
+    against the dense MLP (``dense``: pre-activation, Y and every gradient), one row per check.
+
+    Rules (module docstring): ``exact`` where the numbers are sums of small integers (the column layer's output,
+    dL/db2 = Σ_tokens dL/dY), ``close`` — assert_close's float64 defaults — where they went through the SiLU and a
+    sum was reordered (by the all-reduce, or by a narrower GEMM). Two more rows show what f is for: the
+    gradient that reaches f on one rank is that rank's term only (it differs from dL/dX when N > 1), and the
+    terms of all ranks add up to dL/dX. Each row: check, compared with, rule, max |Δ| and exact over the ranks,
+    pass on every rank.
+    """
+    reports = [Report(torch.float64) for _ in ranks]
+    for rep, got in zip(reports, ranks):
+        s, e = got["block"]
+        for name, _, rule, key, dkey, dim in _HAND_MLP:
+            ref = dense[dkey] if dim is None else dense[dkey].narrow(dim, s, e - s)
+            rep.add(name, got[key], ref, rule)
+    rows = []
+    for name, versus, *_ in _HAND_MLP:
+        per_rank = [rep.rows[name] for rep in reports]
+        rows.append({"check": name, "compared with": versus, "rule": per_rank[0]["rule"],
+                     "max |Δ|": max(r["max_abs_diff"] for r in per_rank),
+                     "exact": all(r["exact"] for r in per_rank), "pass": all(r["pass"] for r in per_rank)})
+    ref = dense["grad_x"].double()
+    terms = [got["grad_x_reaching_f"].double() for got in ranks]
+    atol, rtol = TOLERANCES[torch.float64]
+    alone = [bool(torch.allclose(t, ref, rtol=rtol, atol=atol)) for t in terms]
+    rows.append({"check": "dL/dX reaching f, one rank", "compared with": "dense dL/dX",
+                 "rule": "differs when N > 1", "max |Δ|": max(float((t - ref).abs().max()) for t in terms),
+                 "exact": None, "pass": len(ranks) == 1 or not any(alone)})
+    total = Report(torch.float64)
+    total.add("sum", torch.stack(terms).sum(0), ref, "close")
+    rows.append({"check": "Σ over ranks of dL/dX reaching f", "compared with": "dense dL/dX",
+                 "rule": total.rows["sum"]["rule"], "max |Δ|": total.rows["sum"]["max_abs_diff"],
+                 "exact": total.rows["sum"]["exact"], "pass": total.rows["sum"]["pass"]})
+    return rows

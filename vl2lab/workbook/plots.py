@@ -4,11 +4,12 @@ Every plotting function returns the matplotlib Figure (notebooks end the cell wi
 never computes numbers itself: it draws what a measured or derived result holds. One colour per rank
 (:func:`rank_color`) everywhere; titles say what ran where.
 
-The figures live in three modules, one per kind of question:
+The figures live in four modules, one per kind of question:
 
 - ``plots`` (this one): the shared style (``RANK_COLORS``, ``rank_color``, ``save``) and the figures of several
   ranks — how a linear layer is split and what collectives cost (notebook 02), what each rank holds and how the
   three layouts compare (notebook 04);
+- ``tp_plots``: where f and g communicate in a column → row block, forward and backward (notebook 02);
 - ``baseline_plots``: one model on one device — tiles, answers, stage times, prefill memory (notebook 01);
 - ``tuning_plots``: the tuning ladder and the benchmark against its floor (notebook 05).
 
@@ -97,11 +98,17 @@ def draw_linear_split(table: dict, tokens: int = 4):
     return fig
 
 
-def plot_collectives(result: dict, hardware: str):
-    """Time and bus bandwidth against message size, from ``vl2lab.perf.collectives.bench_collectives`` (rank 0)."""
+def plot_collectives(result: dict, hardware: str, marks: dict | None = None):
+    """Time and bus bandwidth against message size, from ``vl2lab.perf.collectives.bench_collectives`` (rank 0).
+    ``marks`` {label: bytes}: message sizes to mark with a dotted line on the time axis (e.g. one decode step's
+    all-reduce for each model)."""
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (label, nbytes) in enumerate((marks or {}).items()):
+        a1.axvline(nbytes, color="grey", ls=":", lw=1)
+        a1.annotate(label, (nbytes, 0.98 - 0.09 * i), xycoords=("data", "axes fraction"), fontsize=7,
+                    color="dimgrey", ha="left", va="top", rotation=0, xytext=(2, 0), textcoords="offset points")
     for i, (op, rows) in enumerate(result["ops"].items()):
         sizes = rows["sizes"]
         a1.plot(sizes, [t * 1e6 for t in rows["median_s"]], "o-", color=rank_color(i), label=op)
@@ -195,7 +202,7 @@ def plot_three_layouts(results: list, hardware: str):
     import matplotlib.pyplot as plt
 
     names = {"tp": "tensor + expert parallel", "dp": "data parallel (DDP replicas)",
-             "layer_split": "layer split (official device_map)"}
+             "layer_split": "layer split (after the official recipe)"}
     n = len(results)
     fig = plt.figure(figsize=(12, 5))
     gs = fig.add_gridspec(3, 2, width_ratios=[2.2, 1])
