@@ -23,7 +23,10 @@ MLA (small/base, no q-LoRA)::
 
 The cache stores what the layer cannot recompute cheaply and what all heads share: for MLA the latent c and the
 post-RoPE k_pe (r + dr numbers per token, replicated across tensor-parallel ranks); for MHA K and V per head.
-MLA attends by expanding the cached latent with kv_b_proj at every step (no weight absorption).
+MLA then attends in one of two forms (:mod:`.mla`, ``MLAttention.impl``): ``"expanded"`` (the default, the official
+code's way) expands every cached latent with kv_b_proj at every step, [k_nope | v] = kv_b_proj(c), as above;
+``"absorbed"`` folds kv_b_proj into the query and the output (q_lat = W_ukᵀ q_nope, o = W_uv · attended c), so
+a decode step attends over the cached c and k_pe themselves. Same scores, same scale, same cache.
 
 Tensor parallelism replaces q/k/v_proj (or q_proj, kv_b_proj) with column-parallel layers holding whole heads
 and o_proj with a row-parallel one: the head count is never stored, it is read from the projections' outputs.
@@ -38,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vl2lab.model.mla import attend_absorbed, attend_expanded, uses_absorbed
 
 __all__ = ["RMSNorm", "Rotary", "KVCache", "MHAttention", "MLAttention", "rotate_half", "apply_rope",
            "deinterleave", "attention_kernel"]
@@ -225,12 +230,13 @@ class MHAttention(nn.Module):
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention without q-LoRA (deepseek-vl2-small and deepseek-vl2)."""
+    """Multi-head latent attention without q-LoRA (deepseek-vl2-small and deepseek-vl2). ``impl``: ``"expanded"``
+    (default) or ``"absorbed"`` (forwards of few queries, decode above all, attend over the latent: :mod:`.mla`)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         h, n = config.hidden_size, config.num_attention_heads
-        self.layer_idx = layer_idx
+        self.layer_idx, self.impl = layer_idx, "expanded"
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.rank = config.kv_lora_rank
         self.q_head_dim = self.nope + self.rope
@@ -251,9 +257,8 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(deinterleave(k_pe), cos, sin)                     # [B, T, dr], shared by all heads
         if cache is not None:
             latent, k_pe = cache.update(self.layer_idx, latent, k_pe)       # [B, Tk, r], [B, Tk, dr]
-        Tk = latent.shape[1]
-        kv = self.kv_b_proj(latent).view(B, Tk, -1, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)              # [B, h, Tk, dn], [B, h, Tk, dv]
-        k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        o = _attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, self.scale)  # [B, h, T, dv]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        if uses_absorbed(self.impl, T, self.rank, self.nope, self.v_dim):   # shapes only: fixed per compiled step
+            o = attend_absorbed(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, mask, self.scale)
+        else:
+            o = attend_expanded(q_nope, q_pe, latent, k_pe, self.kv_b_proj, mask, self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))             # o [B, h, T, dv]

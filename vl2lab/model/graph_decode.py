@@ -166,14 +166,19 @@ class GraphDecoder:
         return self.out[:, :max_new_tokens].clone()
 
 
+_COMPILED = [0]                 # modules passed to compile_regions so far in this process
+
+
 def compile_regions(modules) -> list:
     """``torch.compile`` each module (regional compilation: the decoder layers are identical, so after the first
     one the compiler's caches make the others cheap). Each layer indexes its own cache buffers, which costs one
-    recompilation per layer: the recompile limit is raised to allow them."""
+    recompilation per layer, and so does every new shape or implementation choice (another decoder: batch size,
+    ``MLAttention.impl``): the recompile limit is raised to allow them all (past it a layer would run eagerly)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    need = 2 * len(modules) + 8
+    _COMPILED[0] += len(modules)
+    need = 2 * _COMPILED[0] + 8
     cfg.cache_size_limit = max(cfg.cache_size_limit, need)
     if hasattr(cfg, "accumulated_cache_size_limit"):
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * need)
@@ -182,12 +187,15 @@ def compile_regions(modules) -> list:
 
 def decoder_for(lm, batch: int, length: int, device, mode: str = "graph", eos_token_id=None, pad_token_id: int = 0,
                 ignore_eos: bool = False) -> GraphDecoder:
-    """The :class:`GraphDecoder` kept on the language model ``lm`` (in ``lm._graph_decoders``) for these settings
-    and ``length`` positions rounded up to :data:`ROUND`, made (and captured) on first use."""
+    """The :class:`GraphDecoder` kept on the language model ``lm`` (in ``lm._graph_decoders``) for these settings,
+    ``length`` positions rounded up to :data:`ROUND` and the model's implementation choices (a captured graph bakes
+    in the ``impl`` of its experts and MLA layers), made (and captured) on first use."""
     max_len = -(-length // ROUND) * ROUND
     store = lm.__dict__.setdefault("_graph_decoders", {})
     eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
-    key = (batch, max_len, mode, str(device), eos, pad_token_id, bool(ignore_eos))
+    impls = tuple(sorted({(type(m).__name__, m.impl) for m in lm.modules()
+                          if isinstance(getattr(m, "impl", None), str)}))          # Experts, MLAttention
+    key = (batch, max_len, mode, str(device), eos, pad_token_id, bool(ignore_eos), impls)
     if key not in store:
         store[key] = GraphDecoder(lm, batch, max_len, device, mode, list(eos), pad_token_id, ignore_eos)
     return store[key]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vl2lab.model.attention import KVCache, MHAttention, MLAttention, RMSNorm, Rotary
+from vl2lab.model.mla import check_impl
 from vl2lab.model.moe import MLP, Experts, MoE, Router
 
 __all__ = ["DeepseekLanguageModel", "DecoderLayer", "KVCache", "attention_inputs"]
@@ -169,4 +170,12 @@ class DeepseekLanguageModel(nn.Module):
         """Pick the routed-experts computation in every MoE layer: 'grouped', 'dense' or 'loop'."""
         for mod in self.modules():
             if isinstance(mod, Experts):
+                mod.impl = impl
+
+    def set_mla_impl(self, impl: str) -> None:
+        """Pick how every MLA layer attends: 'expanded' (default) or 'absorbed' (decode over the latent, see
+        :mod:`vl2lab.model.mla`). A ValueError names the allowed values; a model without MLA (tiny) is unchanged."""
+        check_impl(impl)
+        for mod in self.modules():
+            if isinstance(mod, MLAttention):
                 mod.impl = impl

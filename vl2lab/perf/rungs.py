@@ -13,6 +13,9 @@ Lesson: notebook 05, sections "2. The ladder, run here" and "3. The ladder on on
     5 static cache + CUDA graph            one decode step captured, replayed per token  no launch gaps at decode
     6 torch.compile                        the captured step and the vision tower        fewer, fused kernels
                                            compiled
+    7 MLA weight absorption                decode attends over the cached latent:        no per-step expansion of
+                                           kv_b_proj folded into q and o                 the cache (small, base);
+                                           (vl2lab.model.mla)                            tiny (MHA): = rung 6
     then batching (batch 32 of the last rung) for images/s.
 
 :func:`apply` puts a model in a rung's state (dtype casts are one-way: rungs go fp32 → bf16); :func:`measure` runs
@@ -40,6 +43,7 @@ class Rung:
     attention: str = "sdpa"       # sdpa | math (SDPA's math kernel: the scores materialised, as eager attention)
     decode: str = "eager"         # eager | graph | compile (see vl2lab.model.graph_decode)
     vision: str = "eager"         # eager | compile
+    mla: str = "expanded"         # MLAttention.impl: expanded | absorbed (models without MLA ignore it)
 
 
 RUNGS = (
@@ -49,6 +53,7 @@ RUNGS = (
     Rung("4 SDPA attention"),
     Rung("5 static cache + CUDA graph", decode="graph"),
     Rung("6 torch.compile (decode step, vision tower)", decode="compile", vision="compile"),
+    Rung("7 MLA weight absorption", decode="compile", vision="compile", mla="absorbed"),
 )
 
 
@@ -58,6 +63,7 @@ def apply(vl2, rung: Rung) -> None:
     if next(vl2.parameters()).dtype != dt:
         vl2.to(dt)
     vl2.language.set_experts_impl(rung.experts)
+    vl2.language.set_mla_impl(rung.mla)
     if rung.vision == "compile" and not getattr(vl2, "_vision_compiled", False):
         layers = next(m for n, m in vl2.vision.named_modules() if n.endswith("encoder.layers"))
         for i, layer in enumerate(compile_regions(list(layers))):
