@@ -6,8 +6,10 @@ Lesson: notebook 05, sections "2. The ladder, run here" and "7. Tensor paralleli
 Each rung is measured at every batch size with :func:`vl2lab.perf.rungs.measure` (CUDA events, warm-up, medians;
 each decode step timed on its own). The rank reports which rung and batch it runs (:mod:`vl2lab.launch.progress`).
 The model is built once, on the device, with random weights in the first rung's dtype (no snapshot: the ladder is
-about speed) and cast to bf16 in place at rung 2. :func:`run` is one device; :func:`run_ranks` is the rank function
-that runs the workload as one tensor-parallel model or as data-parallel replicas.
+about speed) and cast to bf16 in place at rung 2. With ``--e2e`` the last rung at the largest batch is also
+measured from image files to answers, preprocessing in the main process and then in worker processes
+(:mod:`vl2lab.perf.pipeline_e2e`): ``end_to_end`` in the JSON. :func:`run` is one device; :func:`run_ranks` is the
+rank function that runs the workload as one tensor-parallel model or as data-parallel replicas.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from vl2lab.parallel.shard import shard_model
 from vl2lab.perf import roofline
 from vl2lab.perf.collectives import bench_collectives
 from vl2lab.perf.peer import peer_timings
+from vl2lab.perf.pipeline_e2e import end_to_end_runs
 from vl2lab.perf.rungs import RUNGS, Rung, apply, measure
 from vl2lab.perf.step_profile import profile_steps
 from vl2lab.perf.workload import environment, pick_device
@@ -41,12 +44,16 @@ __all__ = ["Rung", "RUNGS", "run", "run_ranks", "parser", "main"]
 
 def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 32), repeats: int = 3,
         warmup: int = 1, rungs=RUNGS, new_tokens: int = 64, seed: int = 0, profile: bool = False, log=print,
-        out: str | None = None, peer: bool = False) -> dict:
+        out: str | None = None, peer: bool = False, e2e: bool = False, e2e_workers: int = 4,
+        e2e_images: int | None = None) -> dict:
     """Every rung at every batch size, plus the device's ceilings and the workload's floor → one dict (JSON).
     ``profile``: also a :mod:`~vl2lab.perf.step_profile` of batch-1 decode steps at the first and the last rung.
     ``rungs``: :class:`Rung` objects or rung numbers (1-based, :data:`RUNGS`).
     ``peer``: also transformers' own causal LM of the preset (MLA presets), timed the same way
     (:func:`vl2lab.perf.peer.peer_timings`).
+    ``e2e``: also the last rung at the largest batch from ``e2e_images`` files (default 8 batches) to answers, with 0
+    and ``e2e_workers`` preprocessing workers (:func:`vl2lab.perf.pipeline_e2e.end_to_end_runs`), beside that rung's
+    images/s from a ready batch.
     A rung that fails is recorded with its error and the ladder goes on; with ``out`` the JSON is rewritten after
     every measurement, so that a run cut short keeps what it measured."""
     dev = pick_device(device)
@@ -113,6 +120,22 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
         except Exception as e:  # noqa: BLE001 — recorded
             result["peer"] = [{"error": f"{type(e).__name__}: {e}"[:500]}]
         log(f"peer: {result['peer']}")
+    if e2e and rungs:
+        rung, b = rungs[-1], max(batch_sizes)
+        progress.report(f"end to end: {rung.name}, batch {b}, from files, 0 and {e2e_workers} workers", todo, todo)
+        ready = next((r["images_per_s"] for r in result["runs"] if (r["rung"], r["batch"]) == (rung.name, b)
+                      and "error" not in r), None)
+        try:
+            with attention_kernel(rung.attention):
+                runs = end_to_end_runs(vl2, processor, b, (0, e2e_workers), e2e_images, new_tokens, rung.decode,
+                                       seed, device=dev)
+            result["end_to_end"] = {"rung": rung.name, "ready_batch_images_per_s": ready, **runs}
+            log("end to end: " + ", ".join(f"{r['num_workers']} workers {r['images_per_s']:.2f} img/s (waited "
+                                           f"{r['wait_fraction']:.0%})" for r in runs["runs"])
+                + f"; ready batch {ready or float('nan'):.2f} img/s")
+        except Exception as e:  # noqa: BLE001 — recorded
+            result["end_to_end"] = {"rung": rung.name, "batch": b, "error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"end to end FAILED: {result['end_to_end']['error']}")
     result["wall_s"] = time.perf_counter() - t0
     save()
     return result
@@ -176,19 +199,25 @@ def parser() -> argparse.ArgumentParser:
                                                         "(default: %(default)s)")
     ap.add_argument("--profile", action="store_true", help="also profile decode steps of the first and last rung")
     ap.add_argument("--peer", action="store_true", help="also time transformers' own LM of the preset (MLA only)")
+    ap.add_argument("--e2e", action="store_true", help="also the last rung at the largest batch from image files to "
+                                                       "answers, preprocessing with 0 and --e2e-workers workers")
+    ap.add_argument("--e2e-workers", type=int, default=4, help="preprocessing worker processes for --e2e "
+                                                               "(default: %(default)s)")
+    ap.add_argument("--e2e-images", type=int, default=None, help="image files for --e2e (default: 8 batches)")
     ap.add_argument("--out", default=None, help="write the JSON here, rewritten after every measurement "
                                                 "(default: print it)")
     return ap
 
 
 def main(argv=None) -> int:
-    """``python -m vl2lab.perf.ladder --model deepseek-vl2-tiny --batch 1,32 --out FILE [--profile]``"""
+    """``python -m vl2lab.perf.ladder --model deepseek-vl2-tiny --batch 1,32 --out FILE [--profile] [--e2e]``"""
     a = parser().parse_args(argv)
     rungs = RUNGS if a.rungs is None else tuple(int(i) for i in a.rungs.split(","))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     res = run(a.model, a.device, [int(b) for b in a.batch.split(",")], a.repeats, a.warmup, rungs, a.new_tokens,
-              seed=a.seed, profile=a.profile, out=a.out, peer=a.peer)
+              seed=a.seed, profile=a.profile, out=a.out, peer=a.peer, e2e=a.e2e, e2e_workers=a.e2e_workers,
+              e2e_images=a.e2e_images)
     text = json.dumps(res, indent=1)
     if a.out:
         with open(a.out, "w") as f:

@@ -2,10 +2,11 @@
 
 Lesson: notebook 05, sections "The ladder" and "Targets".
 
-A ladder JSON (``python -m vl2lab.perf.ladder --out FILE``) holds ``runs`` (one per rung × batch), the device's measured
-ceilings and the workload's ``floor`` (see :mod:`vl2lab.perf.roofline`). Several files of one model (runs cut in parts,
-on the same machine type) are read together; a rung measured twice keeps its latest measurement, and
-:func:`provenance` says which file (which run) each rung comes from.
+A ladder JSON (``python -m vl2lab.perf.ladder --out FILE``) holds ``runs`` (one per rung × batch), the device's
+measured ceilings and the workload's ``floor`` (see :mod:`vl2lab.perf.roofline`), and with ``--e2e`` an
+``end_to_end`` part (images/s from files to answers, :mod:`vl2lab.perf.pipeline_e2e`; :func:`end_to_end_rows`).
+Several files of one model (runs cut in parts, on the same machine type) are read together; a rung measured twice
+keeps its latest measurement, and :func:`provenance` says which file (which run) each rung comes from.
 
 A decode step is read from ``decode_step_s`` (each step timed on its own: median, p10, p90); files recorded before
 that field existed hold only ``decode_ms_per_step``, a difference of two totals ((t(N) − t(1)) / (N − 1)), read as
@@ -16,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import statistics
 
 from vl2lab.workbook.kernel import in_kernel
 from vl2lab.workbook.tables import Table
@@ -26,7 +28,7 @@ _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 RESULTS_DIR = os.path.join(_CHECKOUT, "results", "h200-1gpu")
 
 __all__ = ["RESULTS_DIR", "TARGETS", "load", "decode_step_ms", "rows", "provenance", "target_rows", "peer_rows",
-           "profile_rows", "table", "explore"]
+           "profile_rows", "end_to_end_rows", "table", "explore"]
 
 # What the tuned path should reach on one H200 (bf16, random weights at real size): (metric, batch) → (bound, value)
 TARGETS = {
@@ -45,7 +47,7 @@ def load(folder: str, model: str) -> dict:
     if not files:
         raise FileNotFoundError(f"no ladder results for {model} in {folder}: run `python -m vl2lab.perf.ladder "
                                 f"--model {model} --out {folder}/ladder_{model}_1.json` on the GPU machine")
-    merged = {"model": model, "runs": {}, "floor": {}, "peer": [], "profiles": [], "files": files}
+    merged = {"model": model, "runs": {}, "floor": {}, "peer": [], "profiles": [], "end_to_end": [], "files": files}
     for fn in files:
         with open(fn) as f:
             r = json.load(f)
@@ -56,6 +58,8 @@ def load(folder: str, model: str) -> dict:
         merged["floor"].update(r.get("floor", {}))
         merged["peer"] += [{**p, "file": os.path.basename(fn)} for p in r.get("peer", []) if "error" not in p]
         merged["profiles"] += r.get("profiles", [])
+        if "runs" in r.get("end_to_end", {}):
+            merged["end_to_end"].append({**r["end_to_end"], "file": os.path.basename(fn)})
         merged["environment"], merged["ceilings"] = r["environment"], r["ceilings"]
     return merged
 
@@ -174,6 +178,25 @@ def profile_rows(merged: dict, top: int = 8) -> list[dict]:
             out.append({"rung": p["rung"], "kernels_per_step": p["kernels_per_step"],
                         "busy_us_per_step": p["device_busy_us"],
                         "op": r["op"][:60], "calls": r["calls"], "self_us": r["self_us"], "category": r["category"]})
+    return out
+
+
+def end_to_end_rows(merged: dict) -> list[dict]:
+    """The recorded end-to-end runs (``--e2e``): one row per number of preprocessing workers: images/s from files
+    to answers, beside the same rung and batch from a ready batch (and their ratio), the share of the wall clock
+    the model waited for input, the fill (the first wait), the median wait of the later batches and of a batch."""
+    out, nan = [], float("nan")
+    for e in merged.get("end_to_end", []):
+        ready = e.get("ready_batch_images_per_s") or nan
+        for r in e["runs"]:
+            later = r["wait_s"][1:]
+            out.append({"rung": e["rung"], "batch": e["batch"], "images": e["images"], "workers": r["num_workers"],
+                        "images_per_s": r["images_per_s"], "ready_batch_images_per_s": ready,
+                        "vs_ready": r["images_per_s"] / ready, "wait_fraction": r["wait_fraction"],
+                        "fill_ms": r["fill_s"] * 1e3,
+                        "later_wait_ms": statistics.median(later) * 1e3 if later else nan,
+                        "batch_ms": r["batch_stats_s"]["median"] * 1e3, "same_tokens": e["same_tokens"],
+                        "file": e.get("file", "")})
     return out
 
 
