@@ -12,7 +12,8 @@ from vl2lab.inputs.processor import ProcessorError
 from vl2lab.inputs.tiling import open_image
 from vl2lab.model.vl2 import build_model
 from vl2lab.perf import ladder, report
-from vl2lab.perf.pipeline_e2e import Collate, answer, batches, measure_end_to_end
+from vl2lab.perf.pipeline_e2e import Collate, batches, measure_end_to_end
+from vl2lab.perf.workload import answer_tokens
 from vl2lab.perf.workload import workload_image
 from vl2lab.weights.pretrained import project_processor
 
@@ -59,7 +60,7 @@ def test_workers_give_the_main_process_batches_in_file_order(model, paths):
 def test_answers_are_the_models_own_and_the_times_add_up(model, paths, workers):
     vl2, proc = model
     r = measure_end_to_end(vl2, proc, paths, 2, workers, new_tokens=3, device="cpu")
-    want = torch.cat([answer(vl2, b, 3) for b in direct(proc, paths)])
+    want = torch.cat([answer_tokens(vl2, b, 3) for b in direct(proc, paths)])
     assert torch.equal(r["tokens"], want) and r["tokens"].shape == (5, 3)
     assert (r["images"], r["batches"], r["batch"], r["num_workers"]) == (5, 3, 2, workers)
     assert len(r["batch_s"]) == len(r["wait_s"]) == 3

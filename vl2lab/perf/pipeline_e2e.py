@@ -48,10 +48,10 @@ from torch.utils.data import DataLoader
 
 from vl2lab.inputs.processor import ProcessorError
 from vl2lab.inputs.tiling import open_image
-from vl2lab.inputs.tokenizer import ASSISTANT, USER
-from vl2lab.perf.workload import NEW_TOKENS, stats, workload_conversation, workload_image
+from vl2lab.perf.workload import (NEW_TOKENS, answer_tokens, conversation, stats, workload_conversation,
+                                  workload_image)
 
-__all__ = ["Collate", "batches", "answer", "measure_end_to_end", "workload_files", "end_to_end_runs"]
+__all__ = ["Collate", "batches", "measure_end_to_end", "workload_files", "end_to_end_runs"]
 
 QUESTION = "Describe the picture."
 
@@ -64,8 +64,7 @@ class Collate:
 
     def __init__(self, processor, question=QUESTION):
         self.processor = processor
-        self.conversation = ([{"role": USER, "content": "<image>\n" + question}, {"role": ASSISTANT, "content": ""}]
-                             if isinstance(question, str) else
+        self.conversation = (conversation(question) if isinstance(question, str) else
                              [{k: v for k, v in turn.items() if k != "images"} for turn in question])
 
     def __call__(self, paths):
@@ -95,13 +94,6 @@ def batches(processor, paths, batch_size: int, num_workers: int = 0, question=QU
     raise batch
 
 
-def answer(vl2, batch, new_tokens: int = NEW_TOKENS, decode: str = "eager", ignore_eos: bool = True):
-    """The greedy answer tokens of a batch already on the model's device: the model's own ``generate`` (as the
-    workload's :func:`~vl2lab.perf.workload.measure_generate` runs it: EOS ignored, so every batch does the same
-    work) → [B, new_tokens]."""
-    return vl2.generate(**batch, max_new_tokens=new_tokens, do_sample=False, ignore_eos=ignore_eos, decode=decode)
-
-
 def measure_end_to_end(vl2, processor, paths, batch_size: int, num_workers: int, new_tokens: int = NEW_TOKENS,
                        device=None, question=QUESTION, decode: str = "eager", prefetch_factor: int = 2,
                        warmup: bool = True, ignore_eos: bool = True) -> dict:
@@ -127,7 +119,7 @@ def measure_end_to_end(vl2, processor, paths, batch_size: int, num_workers: int,
             first = Collate(processor, question)(paths[:batch_size])
             if isinstance(first, ProcessorError):
                 raise first
-            answer(vl2, first.to(dev, dt), new_tokens, decode, ignore_eos)
+            answer_tokens(vl2, first.to(dev, dt), new_tokens, decode, ignore_eos)
         if cuda:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
@@ -141,7 +133,7 @@ def measure_end_to_end(vl2, processor, paths, batch_size: int, num_workers: int,
                 except StopIteration:
                     break
                 waits.append(time.perf_counter() - t)
-                tokens.append(answer(vl2, batch.to(dev, dt), new_tokens, decode, ignore_eos).cpu())
+                tokens.append(answer_tokens(vl2, batch.to(dev, dt), new_tokens, decode, ignore_eos).cpu())
                 times.append(time.perf_counter() - t)
         finally:
             it.close()                                  # on an error too: the workers stop now

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vl2lab.inputs.tokenizer import ASSISTANT, USER
 from vl2lab.model.generation import step_hook
 
-__all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image",
+__all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image", "conversation", "answer_tokens",
            "workload_conversation", "real_tiles", "stats", "timed", "time_steps", "measure_generate"]
 
 IMAGE_SIZE = (768, 768)
@@ -72,11 +73,19 @@ def workload_image(seed: int = 0, size: tuple = IMAGE_SIZE) -> Image.Image:
     return Image.fromarray(img, "RGB")
 
 
+def conversation(question: str, image=None) -> list:
+    """One user turn asking ``question`` about one picture (``image``; None: the turns alone, for a processor that
+    is given the images beside them), then the assistant's empty turn."""
+    user = {"role": USER, "content": "<image>\n" + question}
+    if image is not None:
+        user["images"] = [image]
+    return [user, {"role": ASSISTANT, "content": ""}]
+
+
 def workload_conversation(processor, image, prompt_tokens: int = PROMPT_TOKENS) -> list:
     """One user turn with the image and a question whose text (template included) is ``prompt_tokens`` tokens."""
     def conv(q):
-        return [{"role": "<|User|>", "content": "<image>\n" + q, "images": [image]},
-                {"role": "<|Assistant|>", "content": ""}]
+        return conversation(q, image)
 
     def text_tokens(q):
         b = processor(conversation=conv(q))
@@ -177,6 +186,12 @@ def time_steps(run, device, repeats: int, warmup: int, clock=time.perf_counter) 
     return out, result
 
 
+def answer_tokens(vl2, batch, new_tokens: int = NEW_TOKENS, decode: str = "eager", ignore_eos: bool = True):
+    """The greedy answer tokens of a batch already on the model's device, as the workload asks for them: the
+    model's own ``generate`` with EOS ignored (every batch does the same work) → [B, new_tokens]."""
+    return vl2.generate(**batch, max_new_tokens=new_tokens, do_sample=False, ignore_eos=ignore_eos, decode=decode)
+
+
 def measure_generate(vl2, processor, conv, batch_size: int, decode: str = "eager", repeats: int = 3,
                      warmup: int = 1, new_tokens: int = NEW_TOKENS) -> dict:
     """The workload at ``batch_size`` copies of ``conv``: the vision tower on the batch's tiles (:func:`timed`),
@@ -191,8 +206,7 @@ def measure_generate(vl2, processor, conv, batch_size: int, decode: str = "eager
 
     def gen(mark):
         with step_hook(mark):
-            return vl2.generate(**batch, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
-                                decode=decode)
+            return answer_tokens(vl2, batch, new_tokens, decode)
 
     out = {"batch": batch, "tiles": tiles}
     with torch.inference_mode():
