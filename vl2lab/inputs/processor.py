@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from vl2lab.model.config import CANDIDATE_RESOLUTIONS
+from vl2lab.inputs.jsonfile import read_json_object
 from vl2lab.inputs.tiling import (ProcessorError, check_resolutions, image_tiles, image_token_count, select_canvas,
                                   to_rgb)
 from vl2lab.inputs.tokenizer import ASSISTANT, DET, DET_END, EOS, IMAGE, PAD, REF, REF_END, USER, load_tokenizer, save_tokenizer
@@ -90,13 +91,7 @@ def check_processor_config(path: str) -> dict:
         return {}
     fix = ("correct it, or copy processor_config.json from the snapshot it came from (for a published model, the "
            "official deepseek-ai/deepseek-vl2* repository of that variant)")
-    try:
-        with open(fn, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProcessorError(f"{fn} is not valid JSON ({e}): it is truncated or corrupt; {fix}") from None
-    if not isinstance(cfg, dict):
-        raise ProcessorError(f"{fn} holds {type(cfg).__name__}, not a JSON object; {fix}")
+    cfg = read_json_object(fn, ProcessorError, f"it is truncated or corrupt; {fix}")
     for k, kind in ((k, kind) for k, kind in _FIELDS.items() if k in cfg):
         v = cfg[k]
         if not (isinstance(v, kind) and (kind is bool) == isinstance(v, bool)):

@@ -28,6 +28,8 @@ from typing import Iterable, Optional
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from vl2lab.inputs.jsonfile import read_json_object
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -181,18 +183,6 @@ def _fix(fn: str) -> str:
             "it came from (for a published model, the official deepseek-ai/deepseek-vl2* repository of that variant)")
 
 
-def _read_json(fn: str) -> dict:
-    """A tokenizer config file's JSON object, or one TokenizerError naming the file and what to do."""
-    try:
-        with open(fn, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{fn} is not valid JSON ({e}): {_fix(fn)}") from None
-    if not isinstance(obj, dict):
-        raise TokenizerError(f"{fn} holds {type(obj).__name__}, not a JSON object; {_fix(fn)}")
-    return obj
-
-
 def check_tokenizer_files(path: str) -> None:
     """Parse a snapshot folder's ``tokenizer.json`` (with the ``tokenizers`` library that will load it; it must hold
     the image and role tokens) and its ``tokenizer_config.json`` / ``special_tokens_map.json`` if present: one
@@ -213,7 +203,7 @@ def check_tokenizer_files(path: str) -> None:
                              "repository of that variant)")
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if os.path.isfile(os.path.join(str(path), name)):
-            _read_json(os.path.join(str(path), name))
+            read_json_object(os.path.join(str(path), name), TokenizerError, _fix(name))
 
 
 def load_tokenizer(path: str):
@@ -234,7 +224,7 @@ def load_tokenizer(path: str):
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = os.path.join(str(path), name)
         if os.path.isfile(p):
-            cfg.update({k: v for k, v in _read_json(p).items()
+            cfg.update({k: v for k, v in read_json_object(p, TokenizerError, _fix(p)).items()
                         if k in ("bos_token", "eos_token", "pad_token", "model_max_length")})
     special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
     special = {k: v for k, v in special.items() if v is not None}
