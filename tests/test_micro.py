@@ -123,3 +123,14 @@ def test_predict_moves_inputs_to_the_models_device_and_dtype():
     pred = score.predict(model, Spy(), ex, batch_size=4)
     assert all(isinstance(p, str) and p for p in pred), pred
     assert moved and all(a == (torch.device("cpu"), torch.bfloat16) for a in moved), moved
+
+
+def test_rebuild_command_takes_answer_weights_and_refuses_unknown_ones(capsys):
+    from vl2lab.train import micro as rebuild
+    a = rebuild.parser().parse_args(["--out", "x", "--weight", "ground=4", "--weight", "left_of=2.5"])
+    assert a.weight == [("ground", 4.0), ("left_of", 2.5)]
+    for bad in ("size=2", "ground=lots", "ground"):
+        with pytest.raises(SystemExit):
+            rebuild.parser().parse_args(["--out", "x", "--weight", bad])
+        err = capsys.readouterr().err
+        assert "QTYPE=WEIGHT" in err and "left_of" in err and "Traceback" not in err, err

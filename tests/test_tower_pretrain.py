@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config, published_config_dict
 from vl2lab.train import scenes
-from vl2lab.train.tower import eval_batch, global_views, load_tower, patch_labels, shape_accuracy
+from vl2lab.train.tower import (N_COLOURS, N_KINDS, eval_batch, global_views, load_tower, patch_labels, patch_loss,
+                                patch_scores, patch_targets, shape_accuracy)
 from vl2lab.weights.pretrained import CheckpointError
 
 
@@ -26,6 +27,45 @@ def test_labels_follow_the_global_views_geometry():
     lab = patch_labels(_scene(768, 384, "cross", (192, 0, 576, 384)), 16).view(16, 16)
     assert lab[:4].eq(0).all() and lab[12:].eq(0).all()
     assert lab[8, 8] == 1 + scenes.SHAPES.index("cross")             # the centre of a full-size cross is filled
+
+
+def test_colour_and_box_targets_name_the_shape_under_each_cell():
+    sc = scenes.Scene(0, 768, 384, [scenes.Shape("circle", "blue", (0, 0, 384, 384)),
+                                    scenes.Shape("square", "yellow", (480, 96, 672, 288))])
+    kind, colour, box = patch_targets(sc, 16)
+    kind, colour, box = kind.view(16, 16), colour.view(16, 16), box.view(16, 16, 4)
+    assert kind[8, 4] == 1 + scenes.SHAPES.index("circle") and colour[8, 4] == 1 + list(scenes.COLOURS).index("blue")
+    assert torch.allclose(box[8, 4] * 999, torch.tensor([0.0, 0, 500, 999]))      # the answer's grid, not the view's
+    assert kind[8, 12] == 1 + scenes.SHAPES.index("square") and colour[8, 12] == 1 + list(scenes.COLOURS).index("yellow")
+    assert torch.allclose(box[8, 12] * 999, torch.tensor([float(v) for v in sc.grid_box(sc.shapes[1])]))
+    off = kind == 0
+    assert colour[off].eq(0).all() and box[off].eq(0).all()
+    assert torch.equal(patch_labels(sc, 16), kind.reshape(-1))
+
+
+def test_patch_scores_and_loss_on_exact_predictions():
+    """An oracle head (one-hot kind and colour, the true box) scores 100 %, 100 % and box error 0; its loss is the
+    two cross-entropies of one-hot logits (no box term)."""
+    views, kind, colour, box = eval_batch(16, n=2)
+    big = 50.0
+    oracle = torch.cat([torch.nn.functional.one_hot(kind, N_KINDS) * big,
+                        torch.nn.functional.one_hot(colour, N_COLOURS) * big, box], -1).float()
+    sc = patch_scores(_Out(oracle), (views, kind, colour, box))
+    assert sc == {"shape_patch_accuracy": 1.0, "colour_patch_accuracy": 1.0, "box_error": 0.0}
+    assert float(patch_loss(oracle, kind, colour, box)) < 1e-6
+    shifted = oracle.clone()
+    shifted[..., N_KINDS + N_COLOURS:] += 0.1                       # every box 0.1 off: L1 0.1, error 99.9/999
+    assert patch_scores(_Out(shifted), (views, kind, colour, box))["box_error"] == pytest.approx(99.9, abs=1e-3)
+    assert float(patch_loss(shifted, kind, colour, box, box_weight=2.0)) == pytest.approx(0.2, abs=1e-5)
+
+
+class _Out(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
 
 
 def test_labels_line_up_with_the_pixels_the_tower_sees():
@@ -73,7 +113,7 @@ def test_shape_accuracy_counts_the_cells_on_shapes_only():
     assert shape_accuracy(_Fixed(y), (x, y)) == 1.0
     assert shape_accuracy(_Fixed(torch.zeros_like(y)), (x, y)) == 0.0
     # on the real eval batch: the oracle scores 1, and "the most common kind everywhere" scores that kind's share
-    views, lab = eval_batch(16, n=3)
+    views, lab, _, _ = eval_batch(16, n=3)
     assert views.shape == (3, 3, 384, 384) and lab.shape == (3, 256)
     assert shape_accuracy(_Fixed(lab), (views, lab)) == 1.0
     on = lab[lab > 0]

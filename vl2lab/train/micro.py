@@ -33,7 +33,7 @@ import time
 import torch
 
 import vl2lab
-from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, VISION_LR_MULT
+from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, STATE, VISION_LR_MULT
 from vl2lab.train.scenes import dataset
 from vl2lab.train.score import score
 from vl2lab.train.tower import TOWER_FILE
@@ -107,6 +107,18 @@ def _machine(world: int) -> str:
     return f"{os.cpu_count()} CPU cores (shared)"
 
 
+def _weight(text: str) -> tuple:
+    """``QTYPE=W`` → (qtype, float), or an argparse error that names the question types."""
+    name, _, value = text.partition("=")
+    try:
+        if name not in QTYPE_WEIGHTS:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not QTYPE=WEIGHT with QTYPE one of "
+                                         f"{', '.join(QTYPE_WEIGHTS)} and WEIGHT a number, e.g. ground=4") from None
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m vl2lab.train.micro`` (every option says what it sets and its default)."""
     p = argparse.ArgumentParser(
@@ -136,6 +148,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-lr-mult", type=float, default=None, metavar="M",
                    help="the vision tower's learning rate as a multiple of --lr in stage 1 (default: 0, a frozen "
                         f"tower, after stage 0; {VISION_LR_MULT:g} with --tower-steps 0)")
+    p.add_argument("--weight", action="append", default=[], metavar="QTYPE=W", type=_weight,
+                   help="stage 1 loss weight of one question type's answers, e.g. --weight ground=4 (repeatable; "
+                        f"defaults: {', '.join(f'{k}={v:g}' for k, v in QTYPE_WEIGHTS.items())})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights and of the data order (default: %(default)s)")
     p.add_argument("--eval-n", type=int, default=400, metavar="N",
@@ -170,13 +185,15 @@ def main(argv=None) -> int:
                             stream=True, out=work, steps=a.tower_steps, batch_size=a.tower_batch_size, seed=a.seed)[0]
             with open(facts, "w") as f:
                 json.dump({"steps": a.tower_steps, "batch_size": a.tower_batch_size, "wall_s": time.time() - t0,
-                           "shape_patch_accuracy": r0["evals"][-1]["shape_patch_accuracy"], "evals": r0["evals"]}, f)
+                           **r0["evals"][-1], "evals": r0["evals"]}, f)
         with open(facts) as f:
             stage0 = json.load(f)
     t_vl = time.time()
+    weights = {**QTYPE_WEIGHTS, **dict(a.weight)}
+    resume = a.resume and os.path.isfile(os.path.join(work, "checkpoint", STATE))   # else stage 1 starts afresh
     res = vl2lab.run("vl2lab.train.ddp:train", world_size=a.world_size, timeout=a.timeout, stream=True, out=work,
                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, vision_lr_mult=vmult, seed=a.seed,
-                     resume=a.resume, tower=tower)
+                     resume=resume, tower=tower, qtype_weights=weights)
     train_wall, vl_wall = time.time() - t0, time.time() - t_vl
     info = export(os.path.join(work, "checkpoint"), a.out, a.dtype)
     t1 = time.time()
@@ -190,8 +207,8 @@ def main(argv=None) -> int:
               "tower": stage0,
               "train": {"world_size": a.world_size, "steps": a.steps, "stage1_wall_s": vl_wall, "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult,
                         "seed": a.seed, "wall_s": train_wall, "final_loss": hist[-1]["loss"],
-                        "curriculum": [list(c) for c in CURRICULUM], "qtype_weights": dict(QTYPE_WEIGHTS),
-                        "resumed": a.resume, "allreduce_bytes_per_step": res[0]["allreduce_bytes_per_step"]}}
+                        "curriculum": [list(c) for c in CURRICULUM], "qtype_weights": weights,
+                        "resumed": resume, "allreduce_bytes_per_step": res[0]["allreduce_bytes_per_step"]}}
     with open(os.path.join(a.out, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")

@@ -92,13 +92,13 @@ class Scene:
             _draw(d, s, COLOURS[s.colour])
         return im
 
-    def kind_map(self) -> Image.Image:
-        """The scene as a label image (mode "L"): 0 on the background, 1 + ``SHAPES.index(kind)`` on each shape's
-        pixels — the dense target of the tower's pre-training (:mod:`vl2lab.train.tower`)."""
+    def shape_map(self) -> Image.Image:
+        """The scene as a label image (mode "L"): 0 on the background, 1 + i on the pixels of ``shapes[i]`` — the
+        dense targets of the tower's pre-training (:mod:`vl2lab.train.tower`: each cell's kind, colour and box)."""
         im = Image.new("L", (self.width, self.height), 0)
         d = ImageDraw.Draw(im)
-        for s in self.shapes:
-            _draw(d, s, 1 + SHAPES.index(s.kind))
+        for i, s in enumerate(self.shapes):
+            _draw(d, s, 1 + i)
         return im
 
     def grid_box(self, shape: Shape) -> list:
