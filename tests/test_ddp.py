@@ -162,7 +162,7 @@ def test_stage0_tower_is_loaded_and_stays_frozen(suite):
     r = suite[0]
     assert len(r["stage0"]["history"]) == 2 and [e["step"] for e in r["stage0"]["evals"]] == [1, 2]   # log_every=1
     # scored on the cells on a shape of the 2 held-out scenes (eval_n=2): a whole number of them is right
-    on = int((eval_batch(resolve_config("vl2-micro").vision_config.grid, 2)[1] > 0).sum())
+    on = int((eval_batch(resolve_config("vl2-micro").vision_config.grid, 2)[1]["kind"] > 0).sum())
     for e in r["stage0"]["evals"]:
         assert abs(e["shape_patch_accuracy"] * on - round(e["shape_patch_accuracy"] * on)) < 1e-3, (e, on)
     assert r["frozen"]["tower_unchanged"] and r["frozen"]["tower_differs_from_init"]

@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config, published_config_dict
 from vl2lab.train import scenes
-from vl2lab.train.tower import (N_COLOURS, N_KINDS, eval_batch, global_views, load_tower, patch_labels, patch_loss,
-                                patch_scores, patch_targets, shape_accuracy)
+from vl2lab.train.loop import TrainingError
+from vl2lab.train.tower import (N_KINDS, TARGETS, check_targets, describe_scores, eval_batch, global_views, head_slices,
+                                load_tower, patch_labels, patch_loss, patch_scores, patch_targets, shape_accuracy)
 from vl2lab.weights.pretrained import CheckpointError
 
 
@@ -29,34 +30,59 @@ def test_labels_follow_the_global_views_geometry():
     assert lab[8, 8] == 1 + scenes.SHAPES.index("cross")             # the centre of a full-size cross is filled
 
 
-def test_colour_and_box_targets_name_the_shape_under_each_cell():
+def test_colour_box_and_neighbour_targets_name_the_shape_under_each_cell():
     sc = scenes.Scene(0, 768, 384, [scenes.Shape("circle", "blue", (0, 0, 384, 384)),
                                     scenes.Shape("square", "yellow", (480, 96, 672, 288))])
-    kind, colour, box = patch_targets(sc, 16)
-    kind, colour, box = kind.view(16, 16), colour.view(16, 16), box.view(16, 16, 4)
+    t = {n: v.view(16, 16, *v.shape[1:]) for n, v in patch_targets(sc, 16).items()}
+    kind, colour, box = t["kind"], t["colour"], t["box"]
     assert kind[8, 4] == 1 + scenes.SHAPES.index("circle") and colour[8, 4] == 1 + list(scenes.COLOURS).index("blue")
     assert torch.allclose(box[8, 4] * 999, torch.tensor([0.0, 0, 500, 999]))      # the answer's grid, not the view's
     assert kind[8, 12] == 1 + scenes.SHAPES.index("square") and colour[8, 12] == 1 + list(scenes.COLOURS).index("yellow")
     assert torch.allclose(box[8, 12] * 999, torch.tensor([float(v) for v in sc.grid_box(sc.shapes[1])]))
+    # the circle has no shape on its left (0); the square's left neighbour is the blue circle
+    assert t["left_kind"][8, 4] == 0 and t["left_colour"][8, 4] == 0
+    assert t["left_kind"][8, 12] == 1 + scenes.SHAPES.index("circle")
+    assert t["left_colour"][8, 12] == 1 + list(scenes.COLOURS).index("blue")
+    # the box as the answer spells it: [[0,0,500,999]] → "0··", "0··", "500", "999" (10: no character)
+    assert t["box_chars"][8, 4].tolist() == [0, 10, 10, 0, 10, 10, 5, 0, 0, 9, 9, 9]
     off = kind == 0
-    assert colour[off].eq(0).all() and box[off].eq(0).all()
+    assert all(v[off].eq(0).all() for v in t.values())
     assert torch.equal(patch_labels(sc, 16), kind.reshape(-1))
 
 
+def test_the_head_layout_is_the_targets_table_in_order():
+    assert check_targets(["box", "kind"]) == ("kind", "box")
+    assert head_slices(["kind", "box"]) == {"kind": slice(0, 5), "box": slice(5, 9)}
+    assert head_slices(TARGETS)["box_chars"] == slice(24, 24 + 12 * 11)
+    with pytest.raises(TrainingError, match="unknown size"):
+        check_targets(["kind", "size"])
+    with pytest.raises(TrainingError, match="kind is missing"):
+        check_targets(["colour"])
+
+
+def _oracle(targets: dict, big: float = 50.0) -> torch.Tensor:
+    """The head outputs that say exactly ``targets``: one-hot logits × ``big`` per class slot, the box itself."""
+    parts = []
+    for n, v in targets.items():
+        t = TARGETS[n]
+        parts.append(v.float() if not t.classes else
+                     (torch.nn.functional.one_hot(v.reshape(*v.shape[:2], t.slots), t.classes) * big).flatten(-2))
+    return torch.cat(parts, -1)
+
+
 def test_patch_scores_and_loss_on_exact_predictions():
-    """An oracle head (one-hot kind and colour, the true box) scores 100 %, 100 % and box error 0; its loss is the
-    two cross-entropies of one-hot logits (no box term)."""
-    views, kind, colour, box = eval_batch(16, n=2)
-    big = 50.0
-    oracle = torch.cat([torch.nn.functional.one_hot(kind, N_KINDS) * big,
-                        torch.nn.functional.one_hot(colour, N_COLOURS) * big, box], -1).float()
-    sc = patch_scores(_Out(oracle), (views, kind, colour, box))
-    assert sc == {"shape_patch_accuracy": 1.0, "colour_patch_accuracy": 1.0, "box_error": 0.0}
-    assert float(patch_loss(oracle, kind, colour, box)) < 1e-6
+    """An oracle head scores 100 % on every class target and box error 0; its loss is ~0. A box 0.1 off everywhere
+    gives an error of 99.9/999 and a loss of box_weight × 0.1."""
+    views, y = eval_batch(16, n=2, names=TARGETS)
+    oracle = _oracle(y)
+    sc = patch_scores(_Out(oracle), (views, y))
+    assert sc == {TARGETS[n].score: (0.0 if n == "box" else 1.0) for n in TARGETS}
+    assert float(patch_loss(oracle, y)) < 1e-6
     shifted = oracle.clone()
-    shifted[..., N_KINDS + N_COLOURS:] += 0.1                       # every box 0.1 off: L1 0.1, error 99.9/999
-    assert patch_scores(_Out(shifted), (views, kind, colour, box))["box_error"] == pytest.approx(99.9, abs=1e-3)
-    assert float(patch_loss(shifted, kind, colour, box, box_weight=2.0)) == pytest.approx(0.2, abs=1e-5)
+    shifted[..., head_slices(TARGETS)["box"]] += 0.1
+    assert patch_scores(_Out(shifted), (views, y))["box_error"] == pytest.approx(99.9, abs=1e-3)
+    assert float(patch_loss(shifted, y, box_weight=2.0)) == pytest.approx(0.2, abs=1e-5)
+    assert describe_scores({"shape_patch_accuracy": 0.917, "box_error": 34.2}) == "kind 91.7%, box error 34/999"
 
 
 class _Out(torch.nn.Module):
@@ -113,7 +139,8 @@ def test_shape_accuracy_counts_the_cells_on_shapes_only():
     assert shape_accuracy(_Fixed(y), (x, y)) == 1.0
     assert shape_accuracy(_Fixed(torch.zeros_like(y)), (x, y)) == 0.0
     # on the real eval batch: the oracle scores 1, and "the most common kind everywhere" scores that kind's share
-    views, lab, _, _ = eval_batch(16, n=3)
+    views, y = eval_batch(16, n=3)
+    lab = y["kind"]
     assert views.shape == (3, 3, 384, 384) and lab.shape == (3, 256)
     assert shape_accuracy(_Fixed(lab), (views, lab)) == 1.0
     on = lab[lab > 0]

@@ -1,19 +1,21 @@
 """Rebuild vl2-micro, the small DeepSeek-VL2 that ships in ``vl2lab/assets/vl2-micro``, in one command::
 
     python -m vl2lab.train.micro --out vl2lab/assets/vl2-micro [--world-size 2] [--tower-steps 2000] [--steps 900]
+        [--tower-targets kind,...] [--weight QTYPE=W ...]
 
 Lesson: notebook 03, sections "1. The task and the model" and "4. A short training run".
 
 0. ``vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=W, ...)``: the SigLIP tower alone learns to
-   label every patch with the kind of shape under it (2000 steps of 2×4 scenes; ``--tower-steps 0`` skips this
-   stage and trains the tower end to end from random weights, with ``ddp.VISION_LR_MULT``).
+   label every patch with the kind of shape under it (2000 steps of 2×4 scenes) and, with ``--tower-targets``, the
+   shape's colour, box, left neighbour and box characters (``tower.TARGETS``); ``--tower-steps 0`` skips this
+   stage and trains the tower end to end from random weights, with ``ddp.VISION_LR_MULT``.
 1. ``vl2lab.run("vl2lab.train.ddp:train", world_size=W, ...)``: DDP training on the shapes task (:mod:`vl2lab.train.scenes`,
    one multi-turn dialogue per scene) with that tower frozen (``--vision-lr-mult 0``), checkpoints in ``--work``
    (resumable, ``--resume``; a finished stage 0 is not run again). The recipe (defaults of
    :func:`vl2lab.train.ddp.train` and of this command): the ``vl2-micro`` preset (24-pixel patches), AdamW lr 1e-3 with
    a 50-step warm-up and a cosine to 5 %, 900 steps of 2×4 dialogues, scenes of 1 shape for the first 10 % of the
    steps, at most 2 until 25 %, then 1–3 (``ddp.CURRICULUM``), and answers weighted by question type
-   (``ddp.QTYPE_WEIGHTS``: colour ×2, count ×3, left-of and grounding ×0.5).
+   (``ddp.QTYPE_WEIGHTS``: colour ×2, count ×3, left-of and grounding ×0.5; ``--weight QTYPE=W`` changes one).
 2. Export: the last checkpoint, cast to ``--dtype`` (``auto``: float32 if the weights stay under 10 MiB, else
    bfloat16), saved as an official snapshot (config.json, model.safetensors, tokenizer files,
    processor_config.json) in ``--out``.
@@ -36,7 +38,7 @@ import vl2lab
 from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, STATE, VISION_LR_MULT
 from vl2lab.train.scenes import dataset
 from vl2lab.train.score import score
-from vl2lab.train.tower import TOWER_FILE
+from vl2lab.train.tower import DEFAULT_TARGETS, TARGETS, TOWER_FILE, check_targets, describe_scores
 from vl2lab.weights.pretrained import load_pretrained, save_pretrained
 
 __all__ = ["main", "parser", "export", "write_readme"]
@@ -63,10 +65,14 @@ def write_readme(out: str, report: dict) -> None:
     ev, tr = report["eval"], report["train"]
     rows = "\n".join(f"| {q} | {ev[q]['n']} | {ev[q]['accuracy']:.1%} |" for q in ("colour", "count", "left_of", "ground"))
     g, t0 = ev["ground"], report.get("tower")
+    if t0:
+        what = ", ".join(t.replace("_", " ") for t in t0.get("targets", DEFAULT_TARGETS))
+        scores = describe_scores({TARGETS[n].score: t0[TARGETS[n].score]
+                                  for n in t0.get("targets", DEFAULT_TARGETS)})
     stage0 = ("0. No pre-trained tower: the tower learns from random weights with the rest." if not t0 else
-              f"0. The vision tower alone: every patch of the global view labelled with the kind of shape under it, "
-              f"{t0['steps']} steps of {tr['world_size']}×{t0['batch_size']} scenes "
-              f"({t0['wall_s'] / 60:.1f} min); eval patches on shapes labelled right: {t0['shape_patch_accuracy']:.1%}.")
+              f"0. The vision tower alone: every patch of the global view labelled with the shape under it "
+              f"({what}; `vl2lab/train/tower.py`), {t0['steps']} steps of {tr['world_size']}×{t0['batch_size']} "
+              f"scenes ({t0['wall_s'] / 60:.1f} min); on the eval scenes' patches that lie on a shape: {scores}.")
     vm = tr["vision_lr_mult"]
     vision = "vision tower frozen" if vm == 0 else f"×{vm:g} for the vision tower"
     text = f"""# vl2-micro
@@ -119,6 +125,15 @@ def _weight(text: str) -> tuple:
                                          f"{', '.join(QTYPE_WEIGHTS)} and WEIGHT a number, e.g. ground=4") from None
 
 
+def _targets(text: str) -> tuple:
+    """``kind,colour,box`` or ``all`` → the target names of stage 0, or an argparse error that lists them."""
+    names = tuple(TARGETS) if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+    try:
+        return check_targets(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m vl2lab.train.micro`` (every option says what it sets and its default)."""
     p = argparse.ArgumentParser(
@@ -136,6 +151,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-steps", type=int, default=2000, metavar="N",
                    help="stage 0 steps: the vision tower alone learns the kind of shape under each patch; 0 skips "
                         "stage 0 and trains the tower from random weights in stage 1 (default: %(default)s)")
+    p.add_argument("--tower-targets", type=_targets, default=DEFAULT_TARGETS, metavar="T,T,...",
+                   help="what every patch learns in stage 0, comma-separated from "
+                        f"{', '.join(TARGETS)}, or all (kind is always among them; default: "
+                        f"{','.join(DEFAULT_TARGETS)})")
     p.add_argument("--tower-batch-size", type=int, default=4, metavar="B",
                    help="scenes per rank per stage-0 step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=900, metavar="N",
@@ -169,6 +188,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _same_stage0(facts: str, asked: dict) -> bool:
+    """Whether the stage 0 recorded in ``facts`` (tower.json) was run with the settings ``asked`` now."""
+    if not os.path.isfile(facts):
+        return False
+    with open(facts) as f:
+        done = json.load(f)
+    return all(done.get(k, list(DEFAULT_TARGETS) if k == "targets" else None) == v for k, v in asked.items())
+
+
 def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
@@ -180,12 +208,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     if a.tower_steps:
         tower, facts = os.path.join(work, TOWER_FILE), os.path.join(work, "tower.json")
-        if not (a.resume and os.path.isfile(tower) and os.path.isfile(facts)):
+        asked = {"steps": a.tower_steps, "batch_size": a.tower_batch_size, "targets": list(a.tower_targets)}
+        if not (a.resume and os.path.isfile(tower) and _same_stage0(facts, asked)):
             r0 = vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=a.world_size, timeout=a.timeout,
-                            stream=True, out=work, steps=a.tower_steps, batch_size=a.tower_batch_size, seed=a.seed)[0]
+                            stream=True, out=work, steps=a.tower_steps, batch_size=a.tower_batch_size, seed=a.seed,
+                            targets=a.tower_targets)[0]
             with open(facts, "w") as f:
-                json.dump({"steps": a.tower_steps, "batch_size": a.tower_batch_size, "wall_s": time.time() - t0,
-                           **r0["evals"][-1], "evals": r0["evals"]}, f)
+                json.dump({**asked, "wall_s": time.time() - t0, **r0["evals"][-1], "evals": r0["evals"]}, f)
         with open(facts) as f:
             stage0 = json.load(f)
     t_vl = time.time()
