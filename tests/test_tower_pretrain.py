@@ -147,3 +147,12 @@ def test_shape_accuracy_counts_the_cells_on_shapes_only():
     top = int(on.mode().values)
     share = float((on == top).float().mean())
     assert shape_accuracy(_Fixed(torch.full_like(lab, top)), (views, lab)) == pytest.approx(share)
+
+
+def test_shape_kind_weight_adds_the_kind_loss_of_the_cells_on_a_shape():
+    """Uniform kind logits cost ln 5 on every cell; the extra term adds ln 5 per unit weight (cells on a shape)."""
+    views, y = eval_batch(16, n=2)
+    flat = torch.zeros(*y["kind"].shape, N_KINDS)
+    ln5 = float(torch.log(torch.tensor(5.0)))
+    assert float(patch_loss(flat, y)) == pytest.approx(ln5, abs=1e-5)
+    assert float(patch_loss(flat, y, shape_kind_weight=2.0)) == pytest.approx(3 * ln5, abs=1e-5)

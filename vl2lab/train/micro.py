@@ -155,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
                    help="what every patch learns in stage 0, comma-separated from "
                         f"{', '.join(TARGETS)}, or all (kind is always among them; default: "
                         f"{','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--tower-kind-weight", type=float, default=0.0, metavar="W",
+                   help="stage 0: weight of an extra kind cross-entropy over the patches on a shape alone (the "
+                        "background is most of the patches and easy; default: %(default)g)")
     p.add_argument("--tower-batch-size", type=int, default=4, metavar="B",
                    help="scenes per rank per stage-0 step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=900, metavar="N",
@@ -194,7 +197,8 @@ def _same_stage0(facts: str, asked: dict) -> bool:
         return False
     with open(facts) as f:
         done = json.load(f)
-    return all(done.get(k, list(DEFAULT_TARGETS) if k == "targets" else None) == v for k, v in asked.items())
+    before = {"targets": list(DEFAULT_TARGETS), "shape_kind_weight": 0.0}     # what a tower.json without them ran
+    return all(done.get(k, before.get(k)) == v for k, v in asked.items())
 
 
 def main(argv=None) -> int:
@@ -208,11 +212,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     if a.tower_steps:
         tower, facts = os.path.join(work, TOWER_FILE), os.path.join(work, "tower.json")
-        asked = {"steps": a.tower_steps, "batch_size": a.tower_batch_size, "targets": list(a.tower_targets)}
+        asked = {"steps": a.tower_steps, "batch_size": a.tower_batch_size, "targets": list(a.tower_targets),
+                 "shape_kind_weight": a.tower_kind_weight}
         if not (a.resume and os.path.isfile(tower) and _same_stage0(facts, asked)):
             r0 = vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=a.world_size, timeout=a.timeout,
                             stream=True, out=work, steps=a.tower_steps, batch_size=a.tower_batch_size, seed=a.seed,
-                            targets=a.tower_targets)[0]
+                            targets=a.tower_targets, shape_kind_weight=a.tower_kind_weight)[0]
             with open(facts, "w") as f:
                 json.dump({**asked, "wall_s": time.time() - t0, **r0["evals"][-1], "evals": r0["evals"]}, f)
         with open(facts) as f:

@@ -214,14 +214,19 @@ def describe_scores(scores: dict) -> str:
                      + (f"{v:.0f}/999" if k == "box_error" else f"{v:.1%}") for k, v in scores.items() if k != "step")
 
 
-def patch_loss(logits: torch.Tensor, targets: dict, box_weight: float = BOX_WEIGHT) -> torch.Tensor:
-    """CE(kind) over every cell + the other targets' terms over the cells on a shape (module docstring)."""
+def patch_loss(logits: torch.Tensor, targets: dict, box_weight: float = BOX_WEIGHT,
+               shape_kind_weight: float = 0.0) -> torch.Tensor:
+    """CE(kind) over every cell + the other targets' terms over the cells on a shape (module docstring), +
+    ``shape_kind_weight`` · CE(kind) over the cells on a shape alone (the background, most of the cells and easy,
+    otherwise sets the kind's share of the gradient)."""
     out = _split(logits, targets)
     kind = targets["kind"]
     loss = F.cross_entropy(out["kind"].reshape(-1, N_KINDS), kind.reshape(-1))
     on = kind > 0
     if not on.any():
         return loss
+    if shape_kind_weight:
+        loss = loss + shape_kind_weight * F.cross_entropy(out["kind"][on].reshape(-1, N_KINDS), kind[on])
     for n, y in targets.items():
         t = TARGETS[n]
         if n == "kind":
@@ -236,7 +241,7 @@ def patch_loss(logits: torch.Tensor, targets: dict, box_weight: float = BOX_WEIG
 def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: int = 8, lr: float = 1e-3,
                    warmup: int = 50, min_lr_ratio: float = 0.05, n_train: int = 100_000, seed: int = 0,
                    log_every: int = 100, eval_n: int = 48, box_weight: float = BOX_WEIGHT,
-                   targets=DEFAULT_TARGETS) -> dict:
+                   targets=DEFAULT_TARGETS, shape_kind_weight: float = 0.0) -> dict:
     """Rank function: pre-train ``config``'s tower for ``steps`` steps of W·``batch_size`` scenes on the cell
     ``targets`` (names in ``TARGETS``; see the module docstring); rank 0 saves ``out/tower.safetensors``. Returns
     the history, the eval scores on shapes (every ``log_every`` steps and at the end) and the wall time."""
@@ -259,7 +264,8 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
             g["lr"] = lr * lr_schedule(step, steps, warmup, min_lr_ratio)
         x, y = _batch(step_examples(range(n_train), step, batch_size, world, rank, seed), grid, targets)
         logits = net(x.to(vdist.device()))                          # [b, grid², Σ widths]
-        loss = patch_loss(logits, {n: t.to(logits.device) for n, t in y.items()}, box_weight=box_weight)
+        loss = patch_loss(logits, {n: t.to(logits.device) for n, t in y.items()}, box_weight=box_weight,
+                          shape_kind_weight=shape_kind_weight)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
