@@ -67,6 +67,8 @@ def write_readme(out: str, report: dict) -> None:
     g, t0 = ev["ground"], report.get("tower")
     if t0:
         what = ", ".join(t.replace("_", " ") for t in t0.get("targets", DEFAULT_TARGETS))
+        if t0.get("shape_kind_weight"):
+            what += f"; plus {t0['shape_kind_weight']:g} × the kind's loss over the patches on a shape"
         scores = describe_scores({TARGETS[n].score: t0[TARGETS[n].score]
                                   for n in t0.get("targets", DEFAULT_TARGETS)})
     stage0 = ("0. No pre-trained tower: the tower learns from random weights with the rest." if not t0 else
