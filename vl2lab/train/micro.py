@@ -214,12 +214,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     if a.tower_steps:
         tower, facts = os.path.join(work, TOWER_FILE), os.path.join(work, "tower.json")
-        asked = {"steps": a.tower_steps, "batch_size": a.tower_batch_size, "targets": list(a.tower_targets),
+        asked = {"steps": a.tower_steps,          # pretrain_tower's arguments, recorded in tower.json "batch_size": a.tower_batch_size, "targets": list(a.tower_targets),
                  "shape_kind_weight": a.tower_kind_weight}
         if not (a.resume and os.path.isfile(tower) and _same_stage0(facts, asked)):
             r0 = vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=a.world_size, timeout=a.timeout,
-                            stream=True, out=work, steps=a.tower_steps, batch_size=a.tower_batch_size, seed=a.seed,
-                            targets=a.tower_targets, shape_kind_weight=a.tower_kind_weight)[0]
+                            stream=True, out=work, seed=a.seed, **asked)[0]
             with open(facts, "w") as f:
                 json.dump({**asked, "wall_s": time.time() - t0, **r0["evals"][-1], "evals": r0["evals"]}, f)
         with open(facts) as f:

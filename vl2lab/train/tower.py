@@ -129,18 +129,16 @@ def patch_targets(scene, grid: int, names=tuple(TARGETS)) -> dict:
     which = torch.from_numpy(canvas[np.ix_(idx, idx)].reshape(-1).astype(np.int64))   # 0 background, 1 + i
     sh = scene.shapes
     by_x = sorted(sh, key=lambda s: s.cx)
-    left = [by_x[by_x.index(s) - 1] if by_x.index(s) else None for s in sh]
+    left = {id(b): a for a, b in zip([None] + by_x, by_x)}          # each shape → the one just left of it, or None
     kind_of = lambda s: 0 if s is None else 1 + SHAPES.index(s.kind)             # noqa: E731
     colour_of = lambda s: 0 if s is None else 1 + list(COLOURS).index(s.colour)  # noqa: E731
-    per_shape = {"kind": [kind_of(s) for s in sh], "colour": [colour_of(s) for s in sh],
-                 "box": [[v / 999 for v in scene.grid_box(s)] for s in sh],
-                 "left_colour": [colour_of(s) for s in left], "left_kind": [kind_of(s) for s in left],
-                 "box_chars": [[c for v in scene.grid_box(s) for c in _chars(v)] for s in sh]}
+    of_shape = {"kind": kind_of, "colour": colour_of, "box": lambda s: [v / 999 for v in scene.grid_box(s)],
+                "left_colour": lambda s: colour_of(left[id(s)]), "left_kind": lambda s: kind_of(left[id(s)]),
+                "box_chars": lambda s: [c for v in scene.grid_box(s) for c in _chars(v)]}
     out = {}
-    for n in check_targets(names):
-        t = TARGETS[n]
-        zero = [0.0] * t.slots if not t.classes else ([0] * t.slots if t.slots > 1 else 0)
-        out[n] = torch.tensor([zero] + per_shape[n])[which]
+    for n in check_targets(names):                                  # only the targets asked for are computed
+        rows = torch.tensor([of_shape[n](s) for s in sh])           # [shapes] or [shapes, slots]
+        out[n] = torch.cat([torch.zeros_like(rows[:1]), rows])[which]   # row 0: the background
     return out
 
 
@@ -209,9 +207,10 @@ def patch_scores(model: torch.nn.Module, batch: tuple) -> dict:
 
 
 def describe_scores(scores: dict) -> str:
-    """Eval scores in words: "kind 91.7%, colour 100.0%, box error 34/999"."""
-    return ", ".join(f"{k.removesuffix('_patch_accuracy').replace('shape', 'kind').replace('_', ' ')} "
-                     + (f"{v:.0f}/999" if k == "box_error" else f"{v:.1%}") for k, v in scores.items() if k != "step")
+    """Eval scores (:func:`patch_scores`' keys) in words: "kind 91.7%, colour 100.0%, box error 34/999"."""
+    name = {t.score: t for t in TARGETS.values()}
+    return ", ".join(f"{name[k].name.replace('_', ' ')} " + (f"{v:.1%}" if name[k].classes else f"error {v:.0f}/999")
+                     for k, v in scores.items() if k in name)
 
 
 def patch_loss(logits: torch.Tensor, targets: dict, box_weight: float = BOX_WEIGHT,
