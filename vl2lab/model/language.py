@@ -167,7 +167,8 @@ class DeepseekLanguageModel(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     def set_experts_impl(self, impl: str) -> None:
-        """Pick the routed-experts computation in every MoE layer: 'grouped', 'dense' or 'loop'."""
+        """Pick the routed-experts computation in every MoE layer: 'grouped', 'dense', 'loop' or 'gemv'
+        (:class:`~vl2lab.model.moe.Experts`)."""
         for mod in self.modules():
             if isinstance(mod, Experts):
                 mod.impl = impl

@@ -16,8 +16,8 @@ all heads (:class:`~vl2lab.model.attention.MLAttention` computes them and the qu
                o_i  = W_uv Σ_j softmax_j(s_ij) c_j                       [dv], then o_proj
 
 The absorbed form is multi-query attention: every head attends over ONE key [c_j | k_pe_j] (r + dr wide) and
-ONE value c_j (r wide), made from the cache without any per-head work (SDPA over head-stride-0 views: see
-:func:`attend_absorbed` for why not ``enable_gqa``).
+ONE value c_j (r wide), read from the cache without any per-head work (:func:`attend_absorbed` makes the h
+queries of each position rows of one matrix).
 
 Cost per head, T queries over Tk keys (multiply-adds)::
 
@@ -85,19 +85,26 @@ def attend_expanded(q_nope, q_pe, latent, k_pe, kv_b_proj: Callable, mask, scale
 
 def attend_absorbed(q_nope, q_pe, latent, k_pe, kv_b_weight: torch.Tensor, mask, scale: float) -> torch.Tensor:
     """The same inputs (``kv_b_proj.weight`` instead of the layer) → the same o [B,h,T,dv], attending over the
-    latent: W_uk folded into the queries, W_uv applied to the attended latent."""
+    latent: W_uk folded into the queries, W_uv applied to the attended latent.
+
+    Every head attends over the same key [c | k_pe] and value c (multi-query attention), so the h·T queries of a
+    sequence are the rows of ONE matrix against its one cache: two batched matmuls and a softmax, each reading the
+    cache once, whatever h is. (SDPA would want the key as h head-stride-0 views: its memory-efficient kernel gives
+    each head its own block, 16 blocks for a decode step of small at batch 1 on a 132-SM GPU, each reading the
+    whole cache on its own; flash takes no head dim of 576. Measured in notebook 05, rung 7.)
+    The scores are rounded to the activations' dtype, as the official eager attention rounds them (matmul in
+    bf16, softmax in fp32); masked keys get the most negative fp32 number, so a row with no key (a left-pad query
+    of a short prompt) averages its keys instead of giving NaN that the next matmul would spread."""
     B, h, T, nope = q_nope.shape
     w_uk, w_uv = split_kv_b(kv_b_weight, nope, kv_b_weight.shape[0] // h - nope)
     # einsum contracts per head as one bmm over h with B·T rows (matmul would copy W_uk once per batch row)
     q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)                   # [B, h, T, r]
-    # Every head attends over the same key [c | k_pe] and value c (MQA): head-stride-0 views [B, h, Tk, ·], no copy.
-    # CUDA's memory-efficient SDPA kernel reads such views as they are, one block per head (the one latent comes
-    # from L2 for the other heads), and the mask [B, 1, T, Tk] broadcasts as before. enable_gqa=True with one KV
-    # head is the same maths, but that kernel takes no grouped heads (nor does flash take head dim 576 or a mask),
-    # so SDPA would fall back to its math kernel, which repeats K and V per head. The math kernel (CPU, or
-    # attention="math") also copies these views per head: correct, not the fast path. The one copy per step is
-    # [c | k_pe] joined into the key (r + dr per cached position).
-    k = torch.cat([latent, k_pe], dim=-1)[:, None].expand(-1, h, -1, -1)   # [B, h, Tk, r + dr]
-    v = latent[:, None].expand(-1, h, -1, -1)                              # [B, h, Tk, r]
-    o_lat = F.scaled_dot_product_attention(torch.cat([q_lat, q_pe], dim=-1), k, v, attn_mask=mask, scale=scale)
+    rows = (B, h * T)                                                      # query rows (head, position) per sequence
+    s = torch.baddbmm(q_pe.reshape(*rows, -1) @ k_pe.transpose(1, 2),      # q_pe · k_pe      [B, h·T, Tk]
+                      q_lat.reshape(*rows, -1), latent.transpose(1, 2))    # + q_lat · c
+    s = s.view(B, h, T, -1).to(torch.promote_types(s.dtype, torch.float32)) * scale   # bf16 → fp32
+    if mask is not None:                                                   # [B, 1, T|1, Tk], True = may attend
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1).to(latent.dtype)
+    o_lat = (p.view(*rows, -1) @ latent).view(B, h, T, -1)                 # Σ_j p_j c_j   [B, h, T, r]
     return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)                    # [B, h, T, dv]

@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "Router", "Experts", "MoE", "grouped_mm_available"]
+from vl2lab.model import expert_gemv
+
+__all__ = ["MLP", "Router", "Experts", "MoE", "IMPLS", "grouped_mm_available"]
+
+IMPLS = ("grouped", "dense", "loop", "gemv")                               # Experts.impl
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -116,6 +120,9 @@ class Experts(nn.Module):
     * ``"dense"``: every local expert on every token as batched matmuls, combined with a [N, E] weight matrix that
       is zero off the chosen experts: E/k times the work, also free of host syncs.
     * ``"loop"``: the official style, a Python loop over experts with index selection (one host sync per expert).
+    * ``"gemv"``: forwards of at most :data:`~vl2lab.model.expert_gemv.MAX_PAIRS` (token, expert) pairs (decode)
+      run two Triton kernels that read only the chosen experts' rows (:mod:`vl2lab.model.expert_gemv`); larger
+      forwards, or a device without Triton, use ``"grouped"``.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
@@ -135,11 +142,16 @@ class Experts(nn.Module):
         """x [N, H], idx [N, k] global expert ids, weights [N, k] fp32 → Σ_k w·SwiGLU_e(x) [N, H] in x.dtype;
         experts outside this module's range contribute zero."""
         impl = self.impl
+        if impl not in IMPLS:
+            raise ValueError(f"Experts.impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+        acc = torch.promote_types(x.dtype, torch.float32)                  # weighted sum in fp32 (or wider)
+        if impl == "gemv":                                                  # shapes only: fixed per captured step
+            w = self.gate_proj, self.up_proj, self.down_proj
+            if expert_gemv.applies(x, idx, *w):
+                return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w).to(x.dtype)
+            impl = "grouped"
         if impl == "grouped" and not grouped_mm_available(x.dtype, x.device):
             impl = "dense"
-        if impl not in ("grouped", "dense", "loop"):
-            raise ValueError(f"Experts.impl must be 'grouped', 'dense' or 'loop', got {impl!r}")
-        acc = torch.promote_types(x.dtype, torch.float32)                  # weighted sum in fp32 (or wider)
         return getattr(self, "_" + impl)(x, idx - self.expert_start, weights.to(acc), acc).to(x.dtype)
 
     def _loop(self, x, local, weights, acc):

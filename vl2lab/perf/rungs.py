@@ -16,6 +16,9 @@ Lesson: notebook 05, sections "2. The ladder, run here" and "3. The ladder on on
     7 MLA weight absorption                decode attends over the cached latent:        no per-step expansion of
                                            kv_b_proj folded into q and o                 the cache (small, base);
                                            (vl2lab.model.mla)                            tiny (MHA): = rung 6
+    8 decode-shaped experts                the routed experts of a decode step as two    weight reads near the copy
+                                           Triton GEMV kernels over the chosen experts   bandwidth, fewer kernels
+                                           only (vl2lab.model.expert_gemv)               (GPU; CPU: = rung 7)
     then batching (batch 32 of the last rung) for images/s.
 
 :func:`apply` puts a model in a rung's state (dtype casts are one-way: rungs go fp32 → bf16); :func:`measure` runs
@@ -39,7 +42,7 @@ __all__ = ["Rung", "RUNGS", "apply", "measure"]
 class Rung:
     name: str
     dtype: str = "bfloat16"
-    experts: str = "grouped"      # Experts.impl: loop | grouped
+    experts: str = "grouped"      # Experts.impl: loop | grouped | gemv
     attention: str = "sdpa"       # sdpa | math (SDPA's math kernel: the scores materialised, as eager attention)
     decode: str = "eager"         # eager | graph | compile (see vl2lab.model.graph_decode)
     vision: str = "eager"         # eager | compile
@@ -54,6 +57,8 @@ RUNGS = (
     Rung("5 static cache + CUDA graph", decode="graph"),
     Rung("6 torch.compile (decode step, vision tower)", decode="compile", vision="compile"),
     Rung("7 MLA weight absorption", decode="compile", vision="compile", mla="absorbed"),
+    Rung("8 decode-shaped experts (Triton GEMV)", decode="compile", vision="compile", mla="absorbed",
+         experts="gemv"),
 )
 
 

@@ -1,0 +1,116 @@
+"""Decode-shaped routed experts: two Triton kernels that read only the chosen experts' weights, one row block each.
+
+Lesson: notebook 05, section "2. The ladder, run here" (rung 8).
+
+At decode a batch of N tokens picks k experts each: P = N·k (token, expert) pairs, a handful at batch 1. Each
+pair is a matrix-vector product per projection, so the work is reading the weights: per pair, gate and up
+[I, H] and down [H, I]. The grouped matmul (:class:`~vl2lab.model.moe.Experts`, ``impl="grouped"``) tiles each
+expert's rows in blocks of 64–128 *tokens*, almost all padding at P ≈ 6, and gives a few dozen blocks to a GPU of
+132 SMs, each streaming a large slice of one weight: far below the copy bandwidth. Here every program owns one
+pair and BLOCK_N rows of one projection, so a step has P·I/BLOCK_N programs, every one a short stream::
+
+    gate_up   program (p, n):  t = p // k, e = expert of pair p
+              g = W_gate[e, n-block, :] · x[t],  u = W_up[e, n-block, :] · x[t]      fp32 accumulators
+              h[p, n-block] = silu(g) · u                                            (one kernel, x read once)
+    down      program (p, n):  y[p, n-block] = w_p · (W_down[e, n-block, :] · h[p])  fp32, w_p the routing weight
+    combine   out[t] = Σ_j y[t·k + j]                                                 a sum over k, no scatter
+
+The pairs stay in token order (pair p = t·k + j), so nothing is sorted and the combine is a plain sum over k,
+deterministic. A pair whose expert is not held here (expert parallelism: local id outside [0, E)) loads nothing
+and gives zero. The choice between these kernels and the grouped matmul reads shapes only (P ≤
+:data:`MAX_PAIRS`), so it is fixed for a captured decode step; past it (batch 32: 192 pairs over 64 experts) the
+grouped matmul reads each expert once for several tokens and wins.
+
+Needs Triton and a CUDA device (or ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use where
+Triton is installed); elsewhere :func:`available` is False and the experts use the grouped matmul.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:                                                  # not on CPU-only installs (CI): the grouped matmul serves
+    import triton
+    import triton.language as tl
+except ImportError:                                   # pragma: no cover - depends on the install
+    triton = None
+
+__all__ = ["MAX_PAIRS", "BLOCKS", "available", "applies", "routed_gemv"]
+
+MAX_PAIRS = 32                 # up to this many (token, expert) pairs a forward uses these kernels
+BLOCKS = {"gate_up": (16, 256, 4), "down": (16, 256, 4)}    # (BLOCK_N rows, BLOCK_K columns, warps) per kernel
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``x``'s device: Triton installed, and CUDA (or the interpreter)."""
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def applies(x: torch.Tensor, idx: torch.Tensor, *experts: torch.Tensor) -> bool:
+    """Whether a forward of ``x`` routed as ``idx`` [N, k] runs these kernels: at most :data:`MAX_PAIRS` pairs,
+    the kernels :func:`available`, and the expert weights contiguous (the kernels compute their offsets)."""
+    return idx.numel() <= MAX_PAIRS and available(x) and all(w.is_contiguous() for w in experts)
+
+
+if triton is not None:
+    @triton.jit
+    def _gate_up(x_ptr, e_ptr, wg_ptr, wu_ptr, h_ptr, H, I, E, stride_e, K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        p, nb = tl.program_id(0), tl.program_id(1)
+        e = tl.load(e_ptr + p)
+        held = (e >= 0) & (e < E)
+        base = tl.where(held, e, 0).to(tl.int64) * stride_e
+        live = tl.where(held, I, 0)                   # rows to read: none for an expert held elsewhere
+        x_row = x_ptr + (p // K).to(tl.int64) * H
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
+            off = base + rows[:, None].to(tl.int64) * H + cols[None, :]
+            m = (rows[:, None] < live) & (cols[None, :] < H)
+            g += tl.sum(tl.load(wg_ptr + off, mask=m, other=0.0).to(tl.float32) * xk[None, :], axis=1)
+            u += tl.sum(tl.load(wu_ptr + off, mask=m, other=0.0).to(tl.float32) * xk[None, :], axis=1)
+        h = g / (1.0 + tl.exp(-g)) * u
+        tl.store(h_ptr + p.to(tl.int64) * I + rows, h.to(h_ptr.dtype.element_ty), mask=rows < I)
+
+    @triton.jit
+    def _down(h_ptr, e_ptr, w_ptr, wd_ptr, y_ptr, H, I, E, stride_e,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        p, nb = tl.program_id(0), tl.program_id(1)
+        e = tl.load(e_ptr + p)
+        held = (e >= 0) & (e < E)
+        base = tl.where(held, e, 0).to(tl.int64) * stride_e
+        live = tl.where(held, H, 0)
+        h_row = h_ptr + p.to(tl.int64) * I
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            hk = tl.load(h_row + cols, mask=cols < I, other=0.0).to(tl.float32)
+            off = base + rows[:, None].to(tl.int64) * I + cols[None, :]
+            m = (rows[:, None] < live) & (cols[None, :] < I)
+            acc += tl.sum(tl.load(wd_ptr + off, mask=m, other=0.0).to(tl.float32) * hk[None, :], axis=1)
+        acc = tl.where(held, acc * tl.load(w_ptr + p), 0.0)
+        tl.store(y_ptr + p.to(tl.int64) * H + rows, acc, mask=rows < H)
+
+
+@torch.compiler.disable                               # a graph break under torch.compile; captured as it is
+def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """x [N, H], local [N, k] expert ids on this module (others give zero), weights [N, k] fp32, gate/up
+    [E, I, H] and down [E, H, I] (contiguous) → Σ_j w_j · SwiGLU_{e_j}(x) [N, H] in fp32."""
+    N, k = local.shape
+    E, I, H = gate.shape
+    P = N * k
+    x, e, w = x.contiguous(), local.reshape(P).contiguous(), weights.reshape(P).float().contiguous()
+    h = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    bn, bk, warps = BLOCKS["gate_up"]
+    _gate_up[(P, triton.cdiv(I, bn))](x, e, gate, up, h, H, I, E, I * H, K=k, BLOCK_N=bn, BLOCK_K=bk,
+                                     num_warps=warps)
+    y = torch.empty(P, H, dtype=torch.float32, device=x.device)
+    bn, bk, warps = BLOCKS["down"]
+    _down[(P, triton.cdiv(H, bn))](h, e, w, down, y, H, I, E, H * I, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return y.view(N, k, H).sum(dim=1)

@@ -1,0 +1,111 @@
+"""The routed experts of one decode step, timed per computation: ``python -m vl2lab.perf.expert_kernels``.
+
+Lesson: notebook 05, section "2. The ladder, run here" (rung 8).
+
+One MoE layer's routed experts at a preset's real sizes (random bf16 weights), a batch of N tokens routed to k
+distinct experts each, computed by ``Experts.impl`` = ``grouped`` (one grouped matmul per projection) and ``gemv``
+(:mod:`vl2lab.model.expert_gemv`) at each block configuration asked for. Each is captured in a CUDA graph of
+``calls`` back-to-back forwards and replayed, so the time per forward is its kernels' time, not their launches.
+The bytes a forward must read are the chosen experts' weights (3·I·H each, counted once per distinct expert);
+their rate beside the copy bandwidth of :func:`~vl2lab.perf.roofline.measure_device` says how close the kernel is
+to the floor. A benchmark, not a test: run it on a GPU; the JSON names the hardware.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from vl2lab.model import expert_gemv
+from vl2lab.model.config import get_config
+from vl2lab.model.moe import Experts
+from vl2lab.perf.roofline import measure_device
+from vl2lab.perf.workload import environment
+
+__all__ = ["run", "main"]
+
+
+def _graph_time_s(fn, calls: int, repeats: int) -> float:
+    """Median seconds per ``fn()`` over ``repeats`` replays of a CUDA graph of ``calls`` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeats + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def run(model: str = "deepseek-vl2-small", tokens=(1, 2, 4), blocks=((16, 256, 4), (32, 128, 4), (32, 256, 8),
+        (64, 128, 4), (8, 512, 4)), calls: int = 50, repeats: int = 5, seed: int = 0) -> dict:
+    """Time grouped and gemv (per block config, the same for both kernels) at each batch of ``tokens``."""
+    if not torch.cuda.is_available():
+        raise SystemExit("vl2lab.perf.expert_kernels times CUDA kernels: run it on a machine with a GPU")
+    cfg = get_config(model).language_config
+    E, H, I, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    torch.manual_seed(seed)
+    ex = Experts(E, H, I).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.02)
+    ceil = measure_device("cuda")
+    saved, rows = dict(expert_gemv.BLOCKS), []
+    try:
+        for n in tokens:
+            x = torch.randn(n, H, device="cuda", dtype=torch.bfloat16)
+            idx = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(n)])
+            w = torch.rand(n, k, device="cuda")
+            nbytes = idx.unique().numel() * 3 * I * H * 2
+            ex.impl = "grouped"
+            with torch.no_grad():
+                ref = ex(x, idx, w).float()
+            configs = [("grouped", None)] + [("gemv", b) for b in blocks]
+            for impl, b in configs:
+                ex.impl = impl
+                if b is not None:
+                    expert_gemv.BLOCKS.update(gate_up=tuple(b), down=tuple(b))
+                with torch.no_grad():
+                    out = ex(x, idx, w).float()
+                    t = _graph_time_s(lambda: ex(x, idx, w), calls, repeats)
+                rows.append({"tokens": n, "pairs": n * k, "impl": impl, "blocks": list(b) if b else None,
+                             "us": t * 1e6, "bytes": nbytes, "bytes_per_s": nbytes / t,
+                             "of_copy": nbytes / t / ceil["copy_bytes_per_s"],
+                             "rel_err_vs_grouped": ((out - ref).norm() / ref.norm()).item()})
+                print(f"N={n} {impl:7s} {str(b):15s} {t * 1e6:8.1f} µs  {nbytes / t / 1e9:7.0f} GB/s "
+                      f"({rows[-1]['of_copy']:.0%} of copy)  err {rows[-1]['rel_err_vs_grouped']:.1e}", flush=True)
+    finally:
+        expert_gemv.BLOCKS.update(saved)
+    return {"model": model, "sizes": {"experts": E, "hidden": H, "intermediate": I, "top_k": k},
+            "environment": environment(), "ceilings": ceil, "calls_per_graph": calls, "repeats": repeats,
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vl2lab.perf.expert_kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="deepseek-vl2-small", help="preset whose MoE sizes to use (default: %(default)s)")
+    ap.add_argument("--tokens", default="1,2,4", help="comma-separated decode batch sizes (default: %(default)s)")
+    ap.add_argument("--out", help="JSON file to write")
+    a = ap.parse_args(argv)
+    res = run(a.model, tuple(int(t) for t in a.tokens.split(",")))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
