@@ -8,7 +8,7 @@ import torch
 
 from vl2lab.model import expert_gemv
 from vl2lab.model.config import get_config
-from vl2lab.model.moe import IMPLS, Experts, MoE
+from vl2lab.model.moe import IMPLS, MLP, Experts, MoE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = expert_gemv.available(torch.empty(0, device=DEVICE))
@@ -66,6 +66,41 @@ def test_experts_held_elsewhere_give_zero():
     none_here = torch.tensor([[0, 1, 9]], device=DEVICE)
     with torch.no_grad():
         assert torch.count_nonzero(ex(x[:1], none_here, w[:1])) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("I,Is", [(33, 50), (40, 24)], ids=["shared-wider", "shared-narrower"])
+@torch.no_grad()
+def test_the_shared_experts_ride_in_the_same_launches(I, Is):
+    """with_shared = the routed sum + the shared MLP, whichever of the two is wider (the h rows are as wide as the
+    wider; each program reads only its own width)."""
+    ex = experts(8, 72, I)
+    shared = MLP(72, Is).to(DEVICE)
+    for p in shared.parameters():
+        p.normal_(0, 0.1)
+    x, idx, w = routed(3, 2, 72, 8)
+    ex.impl = "dense"
+    ref = ex(x, idx, w) + shared(x)
+    ex.impl = "gemv"
+    got = ex.with_shared(x, idx, w, shared)
+    assert got is not None and rel(got, ref) < 1e-6, rel(got, ref)
+    ex.impl = "grouped"
+    assert ex.with_shared(x, idx, w, shared) is None                   # only impl="gemv" fuses
+
+
+@needs_kernels
+@torch.no_grad()
+def test_a_moe_layer_decodes_the_same_with_the_kernels():
+    """A whole MoE layer of random-tiny (router, routed and shared experts) at one decode token: gemv = dense."""
+    cfg = get_config("random-tiny").language_config
+    moe = MoE(cfg).to(DEVICE)
+    for p in moe.parameters():
+        p.normal_(0, 0.1)
+    x = torch.randn(2, 1, cfg.hidden_size, device=DEVICE)
+    moe.experts.impl = "dense"
+    ref = moe(x)
+    moe.experts.impl = "gemv"
+    assert rel(moe(x), ref) < 1e-6
 
 
 @needs_kernels

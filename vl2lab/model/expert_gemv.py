@@ -14,6 +14,9 @@ pair and BLOCK_N rows of one projection, so a step has P·I/BLOCK_N programs, ev
               h[p, n-block] = silu(g) · u                                            (one kernel, x read once)
     down      program (p, n):  y[p, n-block] = w_p · (W_down[e, n-block, :] · h[p])  fp32, w_p the routing weight
     combine   out[t] = Σ_j y[t·k + j]                                                 a sum over k, no scatter
+    shared    N more programs in the same launches, one per token, over the shared experts' [Is, H] weights
+              with weight 1: the layer's whole feed-forward in two kernels (where the shared experts' output
+              joins the routed sum before the reduction, as it does unsharded and under tensor parallelism)
 
 The pairs stay in token order (pair p = t·k + j), so nothing is sorted and the combine is a plain sum over k,
 deterministic. A pair whose expert is not held here (expert parallelism: local id outside [0, E)) loads nothing
@@ -55,62 +58,80 @@ def applies(x: torch.Tensor, idx: torch.Tensor, *experts: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _gate_up(x_ptr, e_ptr, wg_ptr, wu_ptr, h_ptr, H, I, E, stride_e, K: tl.constexpr,
+    def _gate_up(x_ptr, e_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, H, I, Is, Imax, E, P, K: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         p, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(e_ptr + p)
-        held = (e >= 0) & (e < E)
-        base = tl.where(held, e, 0).to(tl.int64) * stride_e
-        live = tl.where(held, I, 0)                   # rows to read: none for an expert held elsewhere
-        x_row = x_ptr + (p // K).to(tl.int64) * H
+        shared = p >= P                               # programs past the P pairs: token p − P's shared experts
+        e = tl.load(e_ptr + tl.minimum(p, P - 1))
+        held = (e >= 0) & (e < E) & (p < P)
+        base = tl.where(held, e, 0).to(tl.int64) * I * H
+        n_routed = tl.where(held, I, 0)               # rows to read of each tensor: none of the other one, and
+        n_shared = tl.where(shared, Is, 0)            # none at all for an expert held elsewhere
+        x_row = x_ptr + tl.where(shared, p - P, p // K).to(tl.int64) * H
         rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
-            off = base + rows[:, None].to(tl.int64) * H + cols[None, :]
-            m = (rows[:, None] < live) & (cols[None, :] < H)
-            g += tl.sum(tl.load(wg_ptr + off, mask=m, other=0.0).to(tl.float32) * xk[None, :], axis=1)
-            u += tl.sum(tl.load(wu_ptr + off, mask=m, other=0.0).to(tl.float32) * xk[None, :], axis=1)
+            xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+            off = rows[:, None].to(tl.int64) * H + cols[None, :]
+            mr = (rows[:, None] < n_routed) & (cols[None, :] < H)
+            ms = (rows[:, None] < n_shared) & (cols[None, :] < H)
+            g += tl.sum((tl.load(wg_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
+                         + tl.load(sg_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
+            u += tl.sum((tl.load(wu_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
+                         + tl.load(su_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
         h = g / (1.0 + tl.exp(-g)) * u
-        tl.store(h_ptr + p.to(tl.int64) * I + rows, h.to(h_ptr.dtype.element_ty), mask=rows < I)
+        tl.store(h_ptr + p.to(tl.int64) * Imax + rows, h.to(h_ptr.dtype.element_ty), mask=rows < Imax)
 
     @triton.jit
-    def _down(h_ptr, e_ptr, w_ptr, wd_ptr, y_ptr, H, I, E, stride_e,
+    def _down(h_ptr, e_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, H, I, Is, Imax, E, P,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         p, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(e_ptr + p)
-        held = (e >= 0) & (e < E)
-        base = tl.where(held, e, 0).to(tl.int64) * stride_e
-        live = tl.where(held, H, 0)
-        h_row = h_ptr + p.to(tl.int64) * I
+        shared = p >= P
+        q = tl.minimum(p, P - 1)
+        e = tl.load(e_ptr + q)
+        held = (e >= 0) & (e < E) & (p < P)
+        base = tl.where(held, e, 0).to(tl.int64) * H * I
+        n_routed = tl.where(held, H, 0)
+        n_shared = tl.where(shared, H, 0)
+        width = tl.where(shared, Is, I)               # of this program's h row
+        h_row = h_ptr + p.to(tl.int64) * Imax
         rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        for k0 in range(0, Imax, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            hk = tl.load(h_row + cols, mask=cols < I, other=0.0).to(tl.float32)
-            off = base + rows[:, None].to(tl.int64) * I + cols[None, :]
-            m = (rows[:, None] < live) & (cols[None, :] < I)
-            acc += tl.sum(tl.load(wd_ptr + off, mask=m, other=0.0).to(tl.float32) * hk[None, :], axis=1)
-        acc = tl.where(held, acc * tl.load(w_ptr + p), 0.0)
-        tl.store(y_ptr + p.to(tl.int64) * H + rows, acc, mask=rows < H)
+            hk = tl.load(h_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+            mr = (rows[:, None] < n_routed) & (cols[None, :] < I)
+            ms = (rows[:, None] < n_shared) & (cols[None, :] < Is)
+            wr = tl.load(wd_ptr + base + rows[:, None].to(tl.int64) * I + cols[None, :], mask=mr, other=0.0)
+            ws = tl.load(sd_ptr + rows[:, None].to(tl.int64) * Is + cols[None, :], mask=ms, other=0.0)
+            acc += tl.sum((wr.to(tl.float32) + ws.to(tl.float32)) * hk, axis=1)
+        scale = tl.where(shared, 1.0, tl.where(held, tl.load(w_ptr + q), 0.0))   # the routing weight, or 1
+        tl.store(y_ptr + p.to(tl.int64) * H + rows, acc * scale, mask=rows < H)
 
 
 @torch.compiler.disable                               # a graph break under torch.compile; captured as it is
 def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
+                down: torch.Tensor, shared=None) -> torch.Tensor:
     """x [N, H], local [N, k] expert ids on this module (others give zero), weights [N, k] fp32, gate/up
-    [E, I, H] and down [E, H, I] (contiguous) → Σ_j w_j · SwiGLU_{e_j}(x) [N, H] in fp32."""
+    [E, I, H] and down [E, H, I] (contiguous) → Σ_j w_j · SwiGLU_{e_j}(x) [N, H] in fp32, plus the shared
+    experts' SwiGLU(x) if ``shared`` = (gate [Is, H], up [Is, H], down [H, Is]) is given (N more programs, one
+    per token, in the same two launches)."""
     N, k = local.shape
     E, I, H = gate.shape
     P = N * k
+    S, (sg, su, sd) = (N, shared) if shared is not None else (0, (gate, up, down))   # unused pointers if S = 0
+    Is = sg.shape[0] if S else 0
+    Imax = max(I, Is)
     x, e, w = x.contiguous(), local.reshape(P).contiguous(), weights.reshape(P).float().contiguous()
-    h = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    h = torch.empty(P + S, Imax, dtype=x.dtype, device=x.device)
     bn, bk, warps = BLOCKS["gate_up"]
-    _gate_up[(P, triton.cdiv(I, bn))](x, e, gate, up, h, H, I, E, I * H, K=k, BLOCK_N=bn, BLOCK_K=bk,
-                                     num_warps=warps)
-    y = torch.empty(P, H, dtype=torch.float32, device=x.device)
+    _gate_up[(P + S, triton.cdiv(Imax, bn))](x, e, gate, up, sg, su, h, H, I, Is, Imax, E, P, K=k, BLOCK_N=bn,
+                                             BLOCK_K=bk, num_warps=warps)
+    y = torch.empty(P + S, H, dtype=torch.float32, device=x.device)
     bn, bk, warps = BLOCKS["down"]
-    _down[(P, triton.cdiv(H, bn))](h, e, w, down, y, H, I, E, H * I, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-    return y.view(N, k, H).sum(dim=1)
+    _down[(P + S, triton.cdiv(H, bn))](h, e, w, down, sd, y, H, I, Is, Imax, E, P, BLOCK_N=bn, BLOCK_K=bk,
+                                       num_warps=warps)
+    out = y[:P].view(N, k, H).sum(dim=1)
+    return out + y[P:] if S else out

@@ -154,6 +154,15 @@ class Experts(nn.Module):
             impl = "dense"
         return getattr(self, "_" + impl)(x, idx - self.expert_start, weights.to(acc), acc).to(x.dtype)
 
+    def with_shared(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, shared: MLP):
+        """``forward`` plus ``shared(x)`` in the same two kernels when ``impl="gemv"`` and they apply (see
+        :mod:`~vl2lab.model.expert_gemv`); None otherwise (the caller adds the shared experts itself)."""
+        w = self.gate_proj, self.up_proj, self.down_proj
+        sw = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+        if self.impl != "gemv" or not expert_gemv.applies(x, idx, *w, *sw):
+            return None
+        return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w, shared=sw).to(x.dtype)
+
     def _loop(self, x, local, weights, acc):
         out = torch.zeros(x.shape, dtype=acc, device=x.device)
         for e in range(self.n_local_experts):
@@ -213,9 +222,15 @@ class MoE(nn.Module):
         shape = x.shape                                                     # [B, T, H]
         flat = x.reshape(-1, shape[-1])                                     # [N, H]
         idx, weights = self.gate(flat)
-        y = self.experts(flat, idx, weights).view(shape)
+        fused = None
         if self.shared_experts is not None and self.shared_in_reduce:
-            y = y + self.shared_experts(x)
+            fused = self.experts.with_shared(flat, idx, weights, self.shared_experts)
+        if fused is not None:
+            y = fused.view(shape)
+        else:
+            y = self.experts(flat, idx, weights).view(shape)
+            if self.shared_experts is not None and self.shared_in_reduce:
+                y = y + self.shared_experts(x)
         y = self.reduce(y)
         if self.shared_experts is not None and not self.shared_in_reduce:
             y = y + self.shared_experts(x)

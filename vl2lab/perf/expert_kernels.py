@@ -1,14 +1,15 @@
-"""The routed experts of one decode step, timed per computation: ``python -m vl2lab.perf.expert_kernels``.
+"""One MoE layer of a decode step, timed per experts computation: ``python -m vl2lab.perf.expert_kernels``.
 
 Lesson: notebook 05, section "2. The ladder, run here" (rung 8).
 
-One MoE layer's routed experts at a preset's real sizes (random bf16 weights), a batch of N tokens routed to k
-distinct experts each, computed by ``Experts.impl`` = ``grouped`` (one grouped matmul per projection) and ``gemv``
-(:mod:`vl2lab.model.expert_gemv`) at each block configuration asked for. Each is captured in a CUDA graph of
-``calls`` back-to-back forwards and replayed, so the time per forward is its kernels' time, not their launches.
-The bytes a forward must read are the chosen experts' weights (3·I·H each, counted once per distinct expert);
-their rate beside the copy bandwidth of :func:`~vl2lab.perf.roofline.measure_device` says how close the kernel is
-to the floor. A benchmark, not a test: run it on a GPU; the JSON names the hardware.
+One MoE layer (router, routed and shared experts) at a preset's real sizes, random bf16 weights, on a batch of N
+decode tokens, with ``Experts.impl`` = ``grouped`` (one grouped matmul per projection, then the shared MLP) and
+``gemv`` (:mod:`vl2lab.model.expert_gemv`: routed and shared experts in two kernels) at each block configuration
+asked for. Each is captured in a CUDA graph of ``calls`` back-to-back forwards and replayed, so the time per
+forward is its kernels' time, not their launches. The bytes a forward must read are the router, the shared
+experts and the chosen experts' weights (each counted once); their rate beside the copy bandwidth of
+:func:`~vl2lab.perf.roofline.measure_device` says how close the layer is to its floor. A benchmark, not a test:
+run it on a GPU; the JSON names the hardware.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from vl2lab.model import expert_gemv
 from vl2lab.model.config import get_config
-from vl2lab.model.moe import Experts
+from vl2lab.model.moe import MoE
 from vl2lab.perf.roofline import measure_device
 from vl2lab.perf.workload import environment
 
@@ -52,44 +53,45 @@ def _graph_time_s(fn, calls: int, repeats: int) -> float:
 
 def run(model: str = "deepseek-vl2-small", tokens=(1, 2, 4), blocks=((16, 256, 4), (32, 128, 4), (32, 256, 8),
         (64, 128, 4), (8, 512, 4)), calls: int = 50, repeats: int = 5, seed: int = 0) -> dict:
-    """Time grouped and gemv (per block config, the same for both kernels) at each batch of ``tokens``."""
+    """Time the layer with grouped experts and with gemv (per block config, the same for both kernels) at each
+    batch of ``tokens``."""
     if not torch.cuda.is_available():
         raise SystemExit("vl2lab.perf.expert_kernels times CUDA kernels: run it on a machine with a GPU")
     cfg = get_config(model).language_config
     E, H, I, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     torch.manual_seed(seed)
-    ex = Experts(E, H, I).to("cuda", torch.bfloat16)
+    moe = MoE(cfg).to("cuda", torch.bfloat16)
     with torch.no_grad():
-        for p in ex.parameters():
+        for p in moe.parameters():
             p.normal_(0, 0.02)
+    fixed = sum(p.numel() * p.element_size() for p in (*moe.gate.parameters(), *moe.shared_experts.parameters()))
     ceil = measure_device("cuda")
     saved, rows = dict(expert_gemv.BLOCKS), []
     try:
         for n in tokens:
-            x = torch.randn(n, H, device="cuda", dtype=torch.bfloat16)
-            idx = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(n)])
-            w = torch.rand(n, k, device="cuda")
-            nbytes = idx.unique().numel() * 3 * I * H * 2
-            ex.impl = "grouped"
+            x = torch.randn(1, n, H, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
-                ref = ex(x, idx, w).float()
-            configs = [("grouped", None)] + [("gemv", b) for b in blocks]
-            for impl, b in configs:
-                ex.impl = impl
+                touched = moe.gate(x.view(n, H))[0].unique().numel()
+                moe.experts.impl = "grouped"
+                ref = moe(x).float()
+            nbytes = fixed + touched * 3 * I * H * 2
+            for impl, b in [("grouped", None)] + [("gemv", b) for b in blocks]:
+                moe.experts.impl = impl
                 if b is not None:
                     expert_gemv.BLOCKS.update(gate_up=tuple(b), down=tuple(b))
                 with torch.no_grad():
-                    out = ex(x, idx, w).float()
-                    t = _graph_time_s(lambda: ex(x, idx, w), calls, repeats)
-                rows.append({"tokens": n, "pairs": n * k, "impl": impl, "blocks": list(b) if b else None,
-                             "us": t * 1e6, "bytes": nbytes, "bytes_per_s": nbytes / t,
-                             "of_copy": nbytes / t / ceil["copy_bytes_per_s"],
+                    out = moe(x).float()
+                    t = _graph_time_s(lambda: moe(x), calls, repeats)
+                rows.append({"tokens": n, "pairs": n * k, "experts_touched": touched, "impl": impl,
+                             "blocks": list(b) if b else None, "us": t * 1e6, "bytes": nbytes,
+                             "bytes_per_s": nbytes / t, "of_copy": nbytes / t / ceil["copy_bytes_per_s"],
                              "rel_err_vs_grouped": ((out - ref).norm() / ref.norm()).item()})
                 print(f"N={n} {impl:7s} {str(b):15s} {t * 1e6:8.1f} µs  {nbytes / t / 1e9:7.0f} GB/s "
                       f"({rows[-1]['of_copy']:.0%} of copy)  err {rows[-1]['rel_err_vs_grouped']:.1e}", flush=True)
     finally:
         expert_gemv.BLOCKS.update(saved)
-    return {"model": model, "sizes": {"experts": E, "hidden": H, "intermediate": I, "top_k": k},
+    return {"model": model, "sizes": {"experts": E, "hidden": H, "intermediate": I, "top_k": k,
+                                      "shared": cfg.n_shared_experts},
             "environment": environment(), "ceilings": ceil, "calls_per_graph": calls, "repeats": repeats,
             "rows": rows}
 
