@@ -39,7 +39,7 @@ try:                                                  # not on CPU-only installs
 except ImportError:                                   # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["MAX_PAIRS", "BLOCKS", "available", "applies", "routed_gemv"]
+__all__ = ["MAX_PAIRS", "BLOCKS", "available", "applies", "gate_up_kernel", "down_kernel", "routed_gemv"]
 
 MAX_PAIRS = 32                 # up to this many (token, expert) pairs a forward uses these kernels
 BLOCKS = {"gate_up": (16, 256, 4), "down": (16, 256, 4)}    # (BLOCK_N rows, BLOCK_K columns, warps) per kernel
@@ -56,59 +56,64 @@ def applies(x: torch.Tensor, idx: torch.Tensor, *experts: torch.Tensor) -> bool:
     return idx.numel() <= MAX_PAIRS and available(x) and all(w.is_contiguous() for w in experts)
 
 
-if triton is not None:
-    @triton.jit
-    def _gate_up(x_ptr, e_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, H, I, Is, Imax, E, P, K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        p, nb = tl.program_id(0), tl.program_id(1)
-        shared = p >= P                               # programs past the P pairs: token p − P's shared experts
-        e = tl.load(e_ptr + tl.minimum(p, P - 1))
-        held = (e >= 0) & (e < E) & (p < P)
-        base = tl.where(held, e, 0).to(tl.int64) * I * H
-        n_routed = tl.where(held, I, 0)               # rows to read of each tensor: none of the other one, and
-        n_shared = tl.where(shared, Is, 0)            # none at all for an expert held elsewhere
-        x_row = x_ptr + tl.where(shared, p - P, p // K).to(tl.int64) * H
-        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        g = tl.zeros([BLOCK_N], dtype=tl.float32)
-        u = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-            off = rows[:, None].to(tl.int64) * H + cols[None, :]
-            mr = (rows[:, None] < n_routed) & (cols[None, :] < H)
-            ms = (rows[:, None] < n_shared) & (cols[None, :] < H)
-            g += tl.sum((tl.load(wg_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
-                         + tl.load(sg_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
-            u += tl.sum((tl.load(wu_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
-                         + tl.load(su_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
-        h = g / (1.0 + tl.exp(-g)) * u
-        tl.store(h_ptr + p.to(tl.int64) * Imax + rows, h.to(h_ptr.dtype.element_ty), mask=rows < Imax)
+def gate_up_kernel(x_ptr, e_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, H, I, Is, Imax, E, P, K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (p, nb): rows [nb·BLOCK_N, +BLOCK_N) of h[p] = silu(W_gate x) · (W_up x), for pair p's expert or,
+    # for p ≥ P, for the shared experts of token p − P
+    p, nb = tl.program_id(0), tl.program_id(1)
+    shared = p >= P                                   # programs past the P pairs: token p − P's shared experts
+    e = tl.load(e_ptr + tl.minimum(p, P - 1))
+    held = (e >= 0) & (e < E) & (p < P)
+    base = tl.where(held, e, 0).to(tl.int64) * I * H
+    n_routed = tl.where(held, I, 0)                   # rows to read of each tensor: none of the other one, and
+    n_shared = tl.where(shared, Is, 0)                # none at all for an expert held elsewhere
+    x_row = x_ptr + tl.where(shared, p - P, p // K).to(tl.int64) * H
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+        off = rows[:, None].to(tl.int64) * H + cols[None, :]
+        mr = (rows[:, None] < n_routed) & (cols[None, :] < H)
+        ms = (rows[:, None] < n_shared) & (cols[None, :] < H)
+        g += tl.sum((tl.load(wg_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
+                     + tl.load(sg_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
+        u += tl.sum((tl.load(wu_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
+                     + tl.load(su_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + p.to(tl.int64) * Imax + rows, h.to(h_ptr.dtype.element_ty), mask=rows < Imax)
 
-    @triton.jit
-    def _down(h_ptr, e_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, H, I, Is, Imax, E, P,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        p, nb = tl.program_id(0), tl.program_id(1)
-        shared = p >= P
-        q = tl.minimum(p, P - 1)
-        e = tl.load(e_ptr + q)
-        held = (e >= 0) & (e < E) & (p < P)
-        base = tl.where(held, e, 0).to(tl.int64) * H * I
-        n_routed = tl.where(held, H, 0)
-        n_shared = tl.where(shared, H, 0)
-        width = tl.where(shared, Is, I)               # of this program's h row
-        h_row = h_ptr + p.to(tl.int64) * Imax
-        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, Imax, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            hk = tl.load(h_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
-            mr = (rows[:, None] < n_routed) & (cols[None, :] < I)
-            ms = (rows[:, None] < n_shared) & (cols[None, :] < Is)
-            wr = tl.load(wd_ptr + base + rows[:, None].to(tl.int64) * I + cols[None, :], mask=mr, other=0.0)
-            ws = tl.load(sd_ptr + rows[:, None].to(tl.int64) * Is + cols[None, :], mask=ms, other=0.0)
-            acc += tl.sum((wr.to(tl.float32) + ws.to(tl.float32)) * hk, axis=1)
-        scale = tl.where(shared, 1.0, tl.where(held, tl.load(w_ptr + q), 0.0))   # the routing weight, or 1
-        tl.store(y_ptr + p.to(tl.int64) * H + rows, acc * scale, mask=rows < H)
+
+def down_kernel(h_ptr, e_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, H, I, Is, Imax, E, P,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (p, nb): rows [nb·BLOCK_N, +BLOCK_N) of y[p] = w_p · W_down h[p] (weight 1 for the shared experts)
+    p, nb = tl.program_id(0), tl.program_id(1)
+    shared = p >= P
+    q = tl.minimum(p, P - 1)
+    e = tl.load(e_ptr + q)
+    held = (e >= 0) & (e < E) & (p < P)
+    base = tl.where(held, e, 0).to(tl.int64) * H * I
+    n_routed = tl.where(held, H, 0)
+    n_shared = tl.where(shared, H, 0)
+    width = tl.where(shared, Is, I)                   # of this program's h row
+    h_row = h_ptr + p.to(tl.int64) * Imax
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, Imax, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        hk = tl.load(h_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+        mr = (rows[:, None] < n_routed) & (cols[None, :] < I)
+        ms = (rows[:, None] < n_shared) & (cols[None, :] < Is)
+        wr = tl.load(wd_ptr + base + rows[:, None].to(tl.int64) * I + cols[None, :], mask=mr, other=0.0)
+        ws = tl.load(sd_ptr + rows[:, None].to(tl.int64) * Is + cols[None, :], mask=ms, other=0.0)
+        acc += tl.sum((wr.to(tl.float32) + ws.to(tl.float32)) * hk, axis=1)
+    scale = tl.where(shared, 1.0, tl.where(held, tl.load(w_ptr + q), 0.0))   # the routing weight, or 1
+    tl.store(y_ptr + p.to(tl.int64) * H + rows, acc * scale, mask=rows < H)
+
+
+if triton is not None:                                # the kernels: the functions above, compiled by Triton
+    _gate_up, _down = triton.jit(gate_up_kernel), triton.jit(down_kernel)
 
 
 @torch.compiler.disable                               # a graph break under torch.compile; captured as it is
