@@ -134,3 +134,31 @@ def test_rebuild_command_takes_answer_weights_and_refuses_unknown_ones(capsys):
             rebuild.parser().parse_args(["--out", "x", "--weight", bad])
         err = capsys.readouterr().err
         assert "QTYPE=WEIGHT" in err and "left_of" in err and "Traceback" not in err, err
+
+
+def test_stage0_runs_with_every_setting_asked_and_records_them(tmp_path, monkeypatch):
+    """The rebuild command hands pretrain_tower all of its stage-0 options and writes them to tower.json (a
+    resume compares them), the launches replaced by a recorder that stops before stage 1."""
+    from vl2lab.train import micro as rebuild
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record(target, **kw):
+        calls.append((target, kw))
+        if target.endswith("pretrain_tower"):
+            return [{"evals": [{"step": 5, "shape_patch_accuracy": 0.5}]}]
+        raise Stop
+
+    monkeypatch.setattr(rebuild.vl2lab, "run", record)
+    work = tmp_path / "work"
+    work.mkdir()                                  # pretrain_tower would make it
+    with pytest.raises(Stop):
+        rebuild.main(["--out", str(tmp_path / "out"), "--work", str(work), "--world-size", "1", "--tower-steps", "5",
+                      "--tower-batch-size", "3", "--tower-targets", "kind,box", "--tower-kind-weight", "2"])
+    asked = {"steps": 5, "batch_size": 3, "targets": ["kind", "box"], "shape_kind_weight": 2.0}
+    target, kw = calls[0]
+    assert target == "vl2lab.train.tower:pretrain_tower" and {k: kw[k] for k in asked} == asked
+    facts = json.loads((work / "tower.json").read_text())
+    assert {k: facts[k] for k in asked} == asked

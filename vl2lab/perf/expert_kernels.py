@@ -98,7 +98,8 @@ def run(model: str = "deepseek-vl2-small", tokens=(1, 2, 4), blocks=((16, 256, 4
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vl2lab.perf.expert_kernels", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="deepseek-vl2-small", help="preset whose MoE sizes to use (default: %(default)s)")
+    ap.add_argument("--model", default="deepseek-vl2-small",
+                    help="preset whose MoE sizes to use (default: %(default)s)")
     ap.add_argument("--tokens", default="1,2,4", help="comma-separated decode batch sizes (default: %(default)s)")
     ap.add_argument("--out", help="JSON file to write")
     a = ap.parse_args(argv)

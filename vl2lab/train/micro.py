@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     if a.tower_steps:
         tower, facts = os.path.join(work, TOWER_FILE), os.path.join(work, "tower.json")
-        asked = {"steps": a.tower_steps,          # pretrain_tower's arguments, recorded in tower.json "batch_size": a.tower_batch_size, "targets": list(a.tower_targets),
-                 "shape_kind_weight": a.tower_kind_weight}
+        asked = {"steps": a.tower_steps, "batch_size": a.tower_batch_size, "targets": list(a.tower_targets),
+                 "shape_kind_weight": a.tower_kind_weight}     # pretrain_tower's arguments, kept in tower.json
         if not (a.resume and os.path.isfile(tower) and _same_stage0(facts, asked)):
             r0 = vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=a.world_size, timeout=a.timeout,
                             stream=True, out=work, seed=a.seed, **asked)[0]
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
     report = {"command": command, "machine": _machine(a.world_size), **info, "eval": metrics,
               "eval_wall_s": eval_wall,
               "tower": stage0,
-              "train": {"world_size": a.world_size, "steps": a.steps, "stage1_wall_s": vl_wall, "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult,
-                        "seed": a.seed, "wall_s": train_wall, "final_loss": hist[-1]["loss"],
+              "train": {"world_size": a.world_size, "steps": a.steps, "stage1_wall_s": vl_wall,
+                        "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult, "seed": a.seed, "wall_s": train_wall, "final_loss": hist[-1]["loss"],
                         "curriculum": [list(c) for c in CURRICULUM], "qtype_weights": weights,
                         "resumed": resume, "allreduce_bytes_per_step": res[0]["allreduce_bytes_per_step"]}}
     with open(os.path.join(a.out, "eval.json"), "w") as f:
