@@ -146,9 +146,9 @@ class Experts(nn.Module):
             raise ValueError(f"Experts.impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         acc = torch.promote_types(x.dtype, torch.float32)                  # weighted sum in fp32 (or wider)
         if impl == "gemv":                                                  # shapes only: fixed per captured step
-            w = self.gate_proj, self.up_proj, self.down_proj
-            if expert_gemv.applies(x, idx, *w):
-                return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w).to(x.dtype)
+            y = self._gemv(x, idx, weights)
+            if y is not None:
+                return y
             impl = "grouped"
         if impl == "grouped" and not grouped_mm_available(x.dtype, x.device):
             impl = "dense"
@@ -157,11 +157,17 @@ class Experts(nn.Module):
     def with_shared(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, shared: MLP):
         """``forward`` plus ``shared(x)`` in the same two kernels when ``impl="gemv"`` and they apply (see
         :mod:`~vl2lab.model.expert_gemv`); None otherwise (the caller adds the shared experts itself)."""
-        w = self.gate_proj, self.up_proj, self.down_proj
-        sw = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
-        if self.impl != "gemv" or not expert_gemv.applies(x, idx, *w, *sw):
+        if self.impl != "gemv":
             return None
-        return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w, shared=sw).to(x.dtype)
+        return self._gemv(x, idx, weights, (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight))
+
+    def _gemv(self, x, idx, weights, shared=None):
+        """The kernels of :mod:`~vl2lab.model.expert_gemv` on this forward (and the shared experts' weights), or
+        None where they do not apply."""
+        w = self.gate_proj, self.up_proj, self.down_proj
+        if not expert_gemv.applies(x, idx, *w, *(shared or ())):
+            return None
+        return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w, shared=shared).to(x.dtype)
 
     def _loop(self, x, local, weights, acc):
         out = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -222,16 +228,13 @@ class MoE(nn.Module):
         shape = x.shape                                                     # [B, T, H]
         flat = x.reshape(-1, shape[-1])                                     # [N, H]
         idx, weights = self.gate(flat)
-        fused = None
-        if self.shared_experts is not None and self.shared_in_reduce:
-            fused = self.experts.with_shared(flat, idx, weights, self.shared_experts)
-        if fused is not None:
-            y = fused.view(shape)
-        else:
-            y = self.experts(flat, idx, weights).view(shape)
-            if self.shared_experts is not None and self.shared_in_reduce:
-                y = y + self.shared_experts(x)
-        y = self.reduce(y)
+        shared_first = self.shared_experts is not None and self.shared_in_reduce   # joins the sum before reduce
+        y = self.experts.with_shared(flat, idx, weights, self.shared_experts) if shared_first else None
+        if y is None:                                                       # not fused into the expert kernels
+            y = self.experts(flat, idx, weights)
+            if shared_first:
+                y = y + self.shared_experts(flat)
+        y = self.reduce(y.view(shape))
         if self.shared_experts is not None and not self.shared_in_reduce:
             y = y + self.shared_experts(x)
         return y

@@ -241,7 +241,8 @@ def main(argv=None) -> int:
               "eval_wall_s": eval_wall,
               "tower": stage0,
               "train": {"world_size": a.world_size, "steps": a.steps, "stage1_wall_s": vl_wall,
-                        "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult, "seed": a.seed, "wall_s": train_wall, "final_loss": hist[-1]["loss"],
+                        "batch_size": a.batch_size, "lr": a.lr, "vision_lr_mult": vmult, "seed": a.seed,
+                        "wall_s": train_wall, "final_loss": hist[-1]["loss"],
                         "curriculum": [list(c) for c in CURRICULUM], "qtype_weights": weights,
                         "resumed": resume, "allreduce_bytes_per_step": res[0]["allreduce_bytes_per_step"]}}
     with open(os.path.join(a.out, "eval.json"), "w") as f:
