@@ -136,6 +136,17 @@ def test_rebuild_command_takes_answer_weights_and_refuses_unknown_ones(capsys):
         assert "QTYPE=WEIGHT" in err and "left_of" in err and "Traceback" not in err, err
 
 
+def test_rebuild_command_refuses_counts_out_of_range_before_any_stage(capsys):
+    """--steps 0 used to run all of stage 0 and then fail with a rank traceback: now argparse says what is wrong."""
+    from vl2lab.train import micro as rebuild
+    for opt, bad in (("--steps", "0"), ("--batch-size", "-1"), ("--world-size", "two"), ("--tower-steps", "-5")):
+        with pytest.raises(SystemExit):
+            rebuild.parser().parse_args(["--out", "x", opt, bad])
+        err = capsys.readouterr().err
+        assert opt in err and "whole number" in err and "Traceback" not in err, err
+    assert rebuild.parser().parse_args(["--out", "x", "--tower-steps", "0"]).tower_steps == 0
+
+
 def test_stage0_runs_with_every_setting_asked_and_records_them(tmp_path, monkeypatch):
     """The rebuild command hands pretrain_tower all of its stage-0 options and writes them to tower.json (a
     resume compares them), the launches replaced by a recorder that stops before stage 1."""
