@@ -103,6 +103,20 @@ def test_workload_picture_and_timer():
     assert workload.pick_device("cpu") == torch.device("cpu")
 
 
+def test_workload_batch_is_distinct_requests_of_one_shape(tiny_model):
+    """A batch of the workload is B different pictures under one question (so its rows route apart, as the decode
+    floor assumes), every row the same length, row 0 the batch-1 request."""
+    _, processor = tiny_model
+    convs = workload.workload_requests(processor, 3)
+    pixels = [c[0]["images"][0].tobytes() for c in convs]
+    assert len(set(pixels)) == 3 and len({c[0]["content"] for c in convs}) == 1
+    assert convs[0] == workload.workload_requests(processor, 1)[0]
+    batch = processor(conversations=convs)
+    assert batch["attention_mask"].all() and not torch.equal(batch["images"][0], batch["images"][1])
+    text = int(batch["input_ids"].shape[1] - batch["images_seq_mask"][0].sum())
+    assert text == workload.PROMPT_TOKENS, text
+
+
 def test_real_tiles_skip_padding(tiny_model):
     _, processor = tiny_model
     im = workload.workload_image(0)

@@ -34,7 +34,7 @@ from vl2lab.model.dtypes import as_dtype
 from vl2lab.perf import roofline
 from vl2lab.perf.rungs import Rung, apply
 from vl2lab.perf.workload import (IMAGE_SIZE, NEW_TOKENS, PROMPT_TOKENS, environment, measure_generate, pick_device,
-                                  timed, workload_conversation, workload_image)
+                                  timed, workload_requests)
 from vl2lab.planner.layouts import layout_bytes
 from vl2lab.weights.pretrained import load_pretrained, make_random_snapshot
 from vl2lab.workbook.tuning_plots import plot_bench_floor
@@ -71,11 +71,10 @@ def run(model: str = "random-tiny", snapshot: str | None = None, dtype: str = "b
     cfg = vl2.config
     if decode == "compile":
         apply(vl2, Rung("compile", dtype=dtype, decode=decode, vision="compile"))
-    image = workload_image(seed)
-    conv = workload_conversation(processor, image)
     for b in batch_sizes:
-        pre = timed(lambda: processor(conversations=[conv] * b), torch.device("cpu"), repeats, warmup)
-        m = measure_generate(vl2, processor, conv, b, decode, repeats, warmup, NEW_TOKENS)
+        convs = workload_requests(processor, b, seed)
+        pre = timed(lambda: processor(conversations=convs), torch.device("cpu"), repeats, warmup)
+        m = measure_generate(vl2, processor, convs, decode, repeats, warmup, NEW_TOKENS)
         batch, tiles, out = m["batch"], m["tiles"], m["tokens"]
         e2e = m["e2e_s"]
         seq = int(batch["input_ids"].shape[1])

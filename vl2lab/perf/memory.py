@@ -29,7 +29,7 @@ from vl2lab.model.build import build_on_device
 from vl2lab.model.dtypes import as_dtype, dtype_bytes
 from vl2lab.model.generation import chunked_prefill, step_hook
 from vl2lab.parallel.groups import device as rank_device
-from vl2lab.perf.workload import environment, real_tiles, time_steps, timed, workload_conversation, workload_image
+from vl2lab.perf.workload import environment, real_tiles, time_steps, timed, workload_image, workload_requests
 from vl2lab.planner import sizing
 from vl2lab.planner.layouts import layout_bytes
 from vl2lab.weights.pretrained import load_pretrained
@@ -106,12 +106,11 @@ def profile(snapshot: str, dtype: str = "float32", batch_sizes=(1,), new_tokens:
     dev = rank_device()
     model, processor = load_pretrained(snapshot, dtype=as_dtype(dtype), device=dev)
     lm, cfg = model.language, model.config
-    conv = workload_conversation(processor, workload_image(seed))
     out = {"device": str(dev), "dtype": dtype, "new_tokens": new_tokens, "environment": environment(),
            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "runs": []}
     for i, b in enumerate(batch_sizes):
         progress.report(f"timing and measuring batch {b}", i, len(batch_sizes))
-        convs = [conv] * b
+        convs = workload_requests(processor, b, seed)
         batch = processor(conversations=convs).to(dev, as_dtype(dtype))
         tiles, T = real_tiles(batch), int(batch["input_ids"].shape[1])
 

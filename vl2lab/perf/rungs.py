@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from vl2lab.model.attention import attention_kernel
 from vl2lab.model.dtypes import as_dtype
 from vl2lab.model.graph_decode import compile_regions
-from vl2lab.perf.workload import measure_generate, workload_conversation, workload_image
+from vl2lab.perf.workload import measure_generate, workload_requests
 
 __all__ = ["Rung", "RUNGS", "apply", "measure"]
 
@@ -79,9 +79,9 @@ def apply(vl2, rung: Rung) -> None:
 def measure(vl2, processor, rung: Rung, batch_size: int, repeats: int = 3, warmup: int = 1,
             new_tokens: int = 64, seed: int = 0) -> dict:
     """The workload at ``batch_size`` in the rung's state → times (seconds, median/p10/p90) and throughput."""
-    conv = workload_conversation(processor, workload_image(seed))
+    convs = workload_requests(processor, batch_size, seed)
     with attention_kernel(rung.attention):
-        m = measure_generate(vl2, processor, conv, batch_size, rung.decode, repeats, warmup, new_tokens)
+        m = measure_generate(vl2, processor, convs, rung.decode, repeats, warmup, new_tokens)
     batch, tiles, tokens = m["batch"], m["tiles"], m["tokens"]
     out = {"rung": rung.name, "batch": batch_size, "vision_s": m["vision_s"], "prefill_s": m["prefill_s"],
            "decode_step_s": m.get("decode_step_s"), "e2e_s": m["e2e_s"], "tiles": int(tiles.shape[0]),

@@ -23,7 +23,7 @@ import time
 import torch
 
 from vl2lab.model.graph_decode import decoder_for
-from vl2lab.perf.workload import workload_conversation, workload_image
+from vl2lab.perf.workload import workload_requests
 
 __all__ = ["CATEGORIES", "category", "profile_steps", "summarise"]
 
@@ -80,8 +80,7 @@ def profile_steps(vl2, processor, batch_size: int = 1, steps: int = 8, decode: s
     dev = next(vl2.parameters()).device
     dt = next(vl2.parameters()).dtype
     cuda = dev.type == "cuda"
-    conv = workload_conversation(processor, workload_image(seed))
-    batch = processor(conversations=[conv] * batch_size).to(dev, dt)
+    batch = processor(conversations=workload_requests(processor, batch_size, seed)).to(dev, dt)
     lm = vl2.language
     embeds = vl2.prepare_inputs_embeds(batch["input_ids"], batch["images"], batch["images_seq_mask"],
                                        batch["images_spatial_crop"])

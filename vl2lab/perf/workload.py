@@ -3,7 +3,10 @@
 Lesson: notebook 01, section "4. Where time and memory go"; notebook 05, section "2. The ladder, run here".
 
 Workload: one 768×768 image (a 2×2 tiling: 5 ViT passes, 1023 image tokens), a 32-token text prompt, 64 new tokens
-with EOS ignored, at a given batch size. :func:`timed` gives the median of ``repeats`` runs after ``warmup`` runs
+with EOS ignored, at a given batch size. A batch is that many distinct requests (:func:`workload_requests`: the same
+question about pictures of the same size drawn from different seeds), so its rows route to different experts as
+independent users' requests do; a batch of one request repeated would route every row alike and read a fraction of
+the expert weights that the decode floor (:func:`vl2lab.perf.roofline.decode_bytes`) counts. :func:`timed` gives the median of ``repeats`` runs after ``warmup`` runs
 (p10/p90 kept), with CUDA events on GPUs; :func:`time_steps` times a generation step by step from marks set inside
 its loop (the prefill, then each decode step on its own: never a difference of two totals);
 :func:`measure_generate` is the one measurement of that workload that the benchmark (:mod:`vl2lab.perf.bench`), the
@@ -26,7 +29,7 @@ from vl2lab.inputs.tokenizer import ASSISTANT, USER
 from vl2lab.model.generation import step_hook
 
 __all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image", "conversation", "answer_tokens",
-           "workload_conversation", "real_tiles", "stats", "timed", "time_steps", "measure_generate"]
+           "workload_conversation", "workload_requests", "real_tiles", "stats", "timed", "time_steps", "measure_generate"]
 
 IMAGE_SIZE = (768, 768)
 PROMPT_TOKENS = 32
@@ -82,13 +85,11 @@ def conversation(question: str, image=None) -> list:
     return [user, {"role": ASSISTANT, "content": ""}]
 
 
-def workload_conversation(processor, image, prompt_tokens: int = PROMPT_TOKENS) -> list:
-    """One user turn with the image and a question whose text (template included) is ``prompt_tokens`` tokens."""
-    def conv(q):
-        return conversation(q, image)
-
+def workload_question(processor, prompt_tokens: int = PROMPT_TOKENS) -> str:
+    """The workload's question: "Describe the picture" padded with digits until its turn (template included, the
+    image tokens not) is ``prompt_tokens`` tokens of ``processor``'s tokenizer."""
     def text_tokens(q):
-        b = processor(conversation=conv(q))
+        b = processor(conversation=conversation(q, workload_image()))
         return int(b["input_ids"].shape[1] - b["images_seq_mask"].sum())
 
     q = "Describe the picture"
@@ -101,7 +102,19 @@ def workload_conversation(processor, image, prompt_tokens: int = PROMPT_TOKENS) 
                 break
         else:
             break
-    return conv(q)
+    return q
+
+
+def workload_conversation(processor, image, prompt_tokens: int = PROMPT_TOKENS) -> list:
+    """One user turn with ``image`` and the workload's question (:func:`workload_question`)."""
+    return conversation(workload_question(processor, prompt_tokens), image)
+
+
+def workload_requests(processor, batch_size: int, seed: int = 0, prompt_tokens: int = PROMPT_TOKENS) -> list:
+    """``batch_size`` distinct requests of the workload: row i asks the workload's question about
+    ``workload_image(seed + i)`` (same size, so the same tiling and length; row 0 is the batch-1 request)."""
+    q = workload_question(processor, prompt_tokens)
+    return [conversation(q, workload_image(seed + i)) for i in range(batch_size)]
 
 
 def real_tiles(batch) -> torch.Tensor:
@@ -192,16 +205,16 @@ def answer_tokens(vl2, batch, new_tokens: int = NEW_TOKENS, decode: str = "eager
     return vl2.generate(**batch, max_new_tokens=new_tokens, do_sample=False, ignore_eos=ignore_eos, decode=decode)
 
 
-def measure_generate(vl2, processor, conv, batch_size: int, decode: str = "eager", repeats: int = 3,
-                     warmup: int = 1, new_tokens: int = NEW_TOKENS) -> dict:
-    """The workload at ``batch_size`` copies of ``conv``: the vision tower on the batch's tiles (:func:`timed`),
+def measure_generate(vl2, processor, convs: list, decode: str = "eager", repeats: int = 3, warmup: int = 1,
+                     new_tokens: int = NEW_TOKENS) -> dict:
+    """The workload on the batch of requests ``convs`` (:func:`workload_requests`): the vision tower on the batch's tiles (:func:`timed`),
     then ``generate`` of ``new_tokens`` (EOS ignored) timed phase by phase (:func:`time_steps`, through
     :func:`vl2lab.model.generation.step_hook`): prefill (vision + projector + the language model over the prompt,
     up to the first token), every decode step, end to end; peak device memory of the generations on GPUs.
     Returns the batch (on the model's device), its real tiles, the timings, the last run's tokens and the peak."""
     dev = next(vl2.parameters()).device
     dt = next(vl2.parameters()).dtype
-    batch = processor(conversations=[conv] * batch_size).to(dev, dt)
+    batch = processor(conversations=convs).to(dev, dt)
     tiles = real_tiles(batch)                                        # [N real tiles, 3, 384, 384]
 
     def gen(mark):
