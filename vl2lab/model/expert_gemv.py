@@ -12,14 +12,15 @@ pair and BLOCK_N rows of one projection, so a step has P·I/BLOCK_N programs, ev
     gate_up   program (p, n):  t = p // k, e = expert of pair p
               g = W_gate[e, n-block, :] · x[t],  u = W_up[e, n-block, :] · x[t]      fp32 accumulators
               h[p, n-block] = silu(g) · u                                            (one kernel, x read once)
-    down      program (p, n):  y[p, n-block] = w_p · (W_down[e, n-block, :] · h[p])  fp32, w_p the routing weight
-    combine   out[t] = Σ_j y[t·k + j]                                                 a sum over k, no scatter
-    shared    N more programs in the same launches, one per token, over the shared experts' [Is, H] weights
-              with weight 1: the layer's whole feed-forward in two kernels (where the shared experts' output
-              joins the routed sum before the reduction, as it does unsharded and under tensor parallelism)
+    down      program (t, n):  out[t, n-block] = Σ_j w_j · (W_down[e_j, n-block, :] · h[t·k + j])
+                               fp32 sum over the token's k pairs, w_j the routing weights, stored in x's dtype
+    shared    N more gate/up programs, one per token, over the shared experts' [Is, H] weights, and one more
+              term (weight 1) in each down program's sum: the layer's whole feed-forward in two kernels, with
+              no combine or cast after them (where the shared experts' output joins the routed sum before the
+              reduction, as it does unsharded and under tensor parallelism)
 
-The pairs stay in token order (pair p = t·k + j), so nothing is sorted and the combine is a plain sum over k,
-deterministic. A pair whose expert is not held here (expert parallelism: local id outside [0, E)) loads nothing
+The pairs stay in token order (pair p = t·k + j), so nothing is sorted and the combine is the down kernel's own
+loop over a token's k pairs, deterministic. A pair whose expert is not held here (expert parallelism: local id outside [0, E)) loads nothing
 and gives zero. The choice between these kernels and the grouped matmul reads shapes only (P ≤
 :data:`MAX_PAIRS`), so it is fixed for a captured decode step; past it (batch 32: 192 pairs over 64 experts) the
 grouped matmul reads each expert once for several tokens and wins.
@@ -42,7 +43,7 @@ except ImportError:                                   # pragma: no cover - depen
 __all__ = ["MAX_PAIRS", "BLOCKS", "available", "applies", "gate_up_kernel", "down_kernel", "routed_gemv"]
 
 MAX_PAIRS = 32                 # up to this many (token, expert) pairs a forward uses these kernels
-BLOCKS = {"gate_up": (16, 256, 4), "down": (16, 256, 4)}    # (BLOCK_N rows, BLOCK_K columns, warps) per kernel
+BLOCKS = {"gate_up": (16, 256, 4), "down": (8, 256, 4)}    # (BLOCK_N rows, BLOCK_K columns, warps) per kernel
 
 
 def available(x: torch.Tensor) -> bool:
@@ -85,31 +86,37 @@ def gate_up_kernel(x_ptr, e_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, H, I, Is
     tl.store(h_ptr + p.to(tl.int64) * Imax + rows, h.to(h_ptr.dtype.element_ty), mask=rows < Imax)
 
 
-def down_kernel(h_ptr, e_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, H, I, Is, Imax, E, P,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # program (p, nb): rows [nb·BLOCK_N, +BLOCK_N) of y[p] = w_p · W_down h[p] (weight 1 for the shared experts)
-    p, nb = tl.program_id(0), tl.program_id(1)
-    shared = p >= P
-    q = tl.minimum(p, P - 1)
-    e = tl.load(e_ptr + q)
-    held = (e >= 0) & (e < E) & (p < P)
-    base = tl.where(held, e, 0).to(tl.int64) * H * I
-    n_routed = tl.where(held, H, 0)
-    n_shared = tl.where(shared, H, 0)
-    width = tl.where(shared, Is, I)                   # of this program's h row
-    h_row = h_ptr + p.to(tl.int64) * Imax
+def down_kernel(h_ptr, e_ptr, w_ptr, wd_ptr, sd_ptr, out_ptr, H, I, Is, Imax, E, P, K: tl.constexpr,
+                SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (t, nb): rows [nb·BLOCK_N, +BLOCK_N) of out[t] = Σ_j w_j · W_down[e_j] h[t·K + j], plus the shared
+    # experts' W_down h[P + t] if SHARED; summed in fp32 in that order, stored in out's dtype
+    t, nb = tl.program_id(0), tl.program_id(1)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, Imax, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        hk = tl.load(h_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
-        mr = (rows[:, None] < n_routed) & (cols[None, :] < I)
-        ms = (rows[:, None] < n_shared) & (cols[None, :] < Is)
-        wr = tl.load(wd_ptr + base + rows[:, None].to(tl.int64) * I + cols[None, :], mask=mr, other=0.0)
-        ws = tl.load(sd_ptr + rows[:, None].to(tl.int64) * Is + cols[None, :], mask=ms, other=0.0)
-        acc += tl.sum((wr.to(tl.float32) + ws.to(tl.float32)) * hk, axis=1)
-    scale = tl.where(shared, 1.0, tl.where(held, tl.load(w_ptr + q), 0.0))   # the routing weight, or 1
-    tl.store(y_ptr + p.to(tl.int64) * H + rows, acc * scale, mask=rows < H)
+    for j in tl.static_range(K):
+        p = t * K + j
+        e = tl.load(e_ptr + p)
+        held = (e >= 0) & (e < E)
+        base = tl.where(held, e, 0).to(tl.int64) * H * I
+        n_routed = tl.where(held, H, 0)               # an expert held elsewhere reads nothing and gives zero
+        h_row = h_ptr + p.to(tl.int64) * Imax
+        part = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            hk = tl.load(h_row + cols, mask=cols < I, other=0.0).to(tl.float32)[None, :]
+            m = (rows[:, None] < n_routed) & (cols[None, :] < I)
+            wr = tl.load(wd_ptr + base + rows[:, None].to(tl.int64) * I + cols[None, :], mask=m, other=0.0)
+            part += tl.sum(wr.to(tl.float32) * hk, axis=1)
+        acc += part * tl.where(held, tl.load(w_ptr + p), 0.0)
+    if SHARED:
+        h_row = h_ptr + (P + t).to(tl.int64) * Imax
+        for k0 in range(0, Is, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            hk = tl.load(h_row + cols, mask=cols < Is, other=0.0).to(tl.float32)[None, :]
+            m = (rows[:, None] < H) & (cols[None, :] < Is)
+            ws = tl.load(sd_ptr + rows[:, None].to(tl.int64) * Is + cols[None, :], mask=m, other=0.0)
+            acc += tl.sum(ws.to(tl.float32) * hk, axis=1)
+    tl.store(out_ptr + t.to(tl.int64) * H + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < H)
 
 
 if triton is not None:                                # the kernels: the functions above, compiled by Triton
@@ -121,8 +128,8 @@ def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gat
                 down: torch.Tensor, shared=None) -> torch.Tensor:
     """x [N, H], local [N, k] expert ids on this module (others give zero), weights [N, k] fp32, gate/up
     [E, I, H] and down [E, H, I] (contiguous) → Σ_j w_j · SwiGLU_{e_j}(x) [N, H] in fp32, plus the shared
-    experts' SwiGLU(x) if ``shared`` = (gate [Is, H], up [Is, H], down [H, Is]) is given (N more programs, one
-    per token, in the same two launches)."""
+    experts' SwiGLU(x) if ``shared`` = (gate [Is, H], up [Is, H], down [H, Is]) is given (N more gate/up programs,
+    one per token; the down kernel adds them into its sum), in x's dtype: the layer's experts in two launches."""
     N, k = local.shape
     E, I, H = gate.shape
     P = N * k
@@ -134,9 +141,8 @@ def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gat
     bn, bk, warps = BLOCKS["gate_up"]
     _gate_up[(P + S, triton.cdiv(Imax, bn))](x, e, gate, up, sg, su, h, H, I, Is, Imax, E, P, K=k, BLOCK_N=bn,
                                              BLOCK_K=bk, num_warps=warps)
-    y = torch.empty(P + S, H, dtype=torch.float32, device=x.device)
+    out = torch.empty(N, H, dtype=x.dtype, device=x.device)
     bn, bk, warps = BLOCKS["down"]
-    _down[(P + S, triton.cdiv(H, bn))](h, e, w, down, sd, y, H, I, Is, Imax, E, P, BLOCK_N=bn, BLOCK_K=bk,
-                                       num_warps=warps)
-    out = y[:P].view(N, k, H).sum(dim=1)
-    return out + y[P:] if S else out
+    _down[(N, triton.cdiv(H, bn))](h, e, w, down, sd, out, H, I, Is, Imax, E, P, K=k, SHARED=S > 0, BLOCK_N=bn,
+                                   BLOCK_K=bk, num_warps=warps)
+    return out

@@ -16,7 +16,8 @@ Router (scores in fp32, input and weight upcast):
   n_group > 1 only the topk_group groups with the best sum of their two best scores compete); the weights use s
   alone: w_e = s_e / (Σ_topk s + 1e-20) if norm_topk_prob, times routed_scaling_factor.
 
-The routed sum is accumulated in fp32 and cast back.
+The routed sum is accumulated in fp32 and cast back. Every top-k is unsorted, as in the official gate: the order of a
+token's k experts is arbitrary and nothing depends on it (on a GPU this spares a sort kernel per layer).
 
 Parallel layouts act on these modules in place: a tensor-parallel rank holds a slice of the expert width I (read
 from the tensors), an expert-parallel rank the experts [expert_start, expert_start + n_local_experts) and gives
@@ -95,14 +96,14 @@ class Router(nn.Module):
                 N, E = choice.shape
                 groups = choice.view(N, self.n_group, -1)
                 group_score = groups.topk(2, dim=-1).values.sum(-1)         # [N, G]
-                keep = group_score.topk(self.topk_group, dim=-1).indices
+                keep = group_score.topk(self.topk_group, dim=-1, sorted=False).indices
                 gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
                 choice = groups.masked_fill(~gmask[..., None], float("-inf")).view(N, E)
-            idx = choice.topk(self.top_k, dim=-1).indices
+            idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
             weights = scores.gather(1, idx)
         else:
             scores = logits.softmax(dim=-1)
-            weights, idx = scores.topk(self.top_k, dim=-1)
+            weights, idx = scores.topk(self.top_k, dim=-1, sorted=False)      # unsorted, as the official gate
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return idx, weights * self.scaling
@@ -167,7 +168,7 @@ class Experts(nn.Module):
         w = self.gate_proj, self.up_proj, self.down_proj
         if not expert_gemv.applies(x, idx, *w, *(shared or ())):
             return None
-        return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w, shared=shared).to(x.dtype)
+        return expert_gemv.routed_gemv(x, idx - self.expert_start, weights, *w, shared=shared)
 
     def _loop(self, x, local, weights, acc):
         out = torch.zeros(x.shape, dtype=acc, device=x.device)

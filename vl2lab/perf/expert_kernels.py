@@ -51,10 +51,14 @@ def _graph_time_s(fn, calls: int, repeats: int) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def run(model: str = "deepseek-vl2-small", tokens=(1, 2, 4), blocks=((16, 256, 4), (32, 128, 4), (32, 256, 8),
-        (64, 128, 4), (8, 512, 4)), calls: int = 50, repeats: int = 5, seed: int = 0) -> dict:
-    """Time the layer with grouped experts and with gemv (per block config, the same for both kernels) at each
-    batch of ``tokens``."""
+GATE_UP_BLOCKS = ((16, 256, 4), (8, 256, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 4))
+DOWN_BLOCKS = ((8, 256, 4), (4, 256, 4), (16, 256, 4), (4, 512, 4), (8, 512, 8), (2, 512, 4))
+
+
+def run(model: str = "deepseek-vl2-small", tokens=(1, 2, 4), gate_up_blocks=GATE_UP_BLOCKS, down_blocks=DOWN_BLOCKS,
+        calls: int = 50, repeats: int = 5, seed: int = 0) -> dict:
+    """Time the layer with grouped experts and with gemv at each batch of ``tokens``: each gate/up block shape
+    (BLOCK_N, BLOCK_K, warps) with the default down shape, then each down shape with the best gate/up one."""
     if not torch.cuda.is_available():
         raise SystemExit("vl2lab.perf.expert_kernels times CUDA kernels: run it on a machine with a GPU")
     cfg = get_config(model).language_config
@@ -75,19 +79,26 @@ def run(model: str = "deepseek-vl2-small", tokens=(1, 2, 4), blocks=((16, 256, 4
                 moe.experts.impl = "grouped"
                 ref = moe(x).float()
             nbytes = fixed + touched * 3 * I * H * 2
-            for impl, b in [("grouped", None)] + [("gemv", b) for b in blocks]:
+
+            def timed(impl, blocks):
                 moe.experts.impl = impl
-                if b is not None:
-                    expert_gemv.BLOCKS.update(gate_up=tuple(b), down=tuple(b))
+                expert_gemv.BLOCKS.update(blocks or saved)
                 with torch.no_grad():
                     out = moe(x).float()
                     t = _graph_time_s(lambda: moe(x), calls, repeats)
                 rows.append({"tokens": n, "pairs": n * k, "experts_touched": touched, "impl": impl,
-                             "blocks": list(b) if b else None, "us": t * 1e6, "bytes": nbytes,
-                             "bytes_per_s": nbytes / t, "of_copy": nbytes / t / ceil["copy_bytes_per_s"],
+                             "blocks": {k_: list(v) for k_, v in blocks.items()} if blocks else None,
+                             "us": t * 1e6, "bytes": nbytes, "bytes_per_s": nbytes / t,
+                             "of_copy": nbytes / t / ceil["copy_bytes_per_s"],
                              "rel_err_vs_grouped": ((out - ref).norm() / ref.norm()).item()})
-                print(f"N={n} {impl:7s} {str(b):15s} {t * 1e6:8.1f} µs  {nbytes / t / 1e9:7.0f} GB/s "
+                print(f"N={n} {impl:7s} {str(blocks or ''):48s} {t * 1e6:8.1f} µs  {nbytes / t / 1e9:7.0f} GB/s "
                       f"({rows[-1]['of_copy']:.0%} of copy)  err {rows[-1]['rel_err_vs_grouped']:.1e}", flush=True)
+                return t
+
+            timed("grouped", None)
+            best = min(gate_up_blocks, key=lambda b: timed("gemv", {"gate_up": b, "down": saved["down"]}))
+            for b in down_blocks:
+                timed("gemv", {"gate_up": best, "down": b})
     finally:
         expert_gemv.BLOCKS.update(saved)
     return {"model": model, "sizes": {"experts": E, "hidden": H, "intermediate": I, "top_k": k,
