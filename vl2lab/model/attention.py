@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vl2lab.model.fused_inputs import FusedInputs
 from vl2lab.model.mla import attend_absorbed, attend_expanded, uses_absorbed
 
 __all__ = ["RMSNorm", "Rotary", "KVCache", "MHAttention", "MLAttention", "rotate_half", "apply_rope",
@@ -204,11 +203,8 @@ def attention_kernel(attn: str):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-class MHAttention(FusedInputs, nn.Module):
-    """Multi-head attention with RoPE over the whole head (deepseek-vl2-tiny). ``fuse_inputs()``: q/k/v in one
-    matmul (:mod:`.fused_inputs`)."""
-
-    INPUTS = ("q_proj", "k_proj", "v_proj")
+class MHAttention(nn.Module):
+    """Multi-head attention with RoPE over the whole head (deepseek-vl2-tiny)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -223,7 +219,9 @@ class MHAttention(FusedInputs, nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None):
         B, T, _ = x.shape                                                   # x [B, T, H]
-        q, k, v = (y.view(B, T, -1, self.head_dim).transpose(1, 2) for y in self.project_inputs(x))  # [B, h, T, d]
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)    # [B, h, T, d] (h = local heads)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                       # [B, h, Tk, d]
@@ -231,12 +229,9 @@ class MHAttention(FusedInputs, nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLAttention(FusedInputs, nn.Module):
+class MLAttention(nn.Module):
     """Multi-head latent attention without q-LoRA (deepseek-vl2-small and deepseek-vl2). ``impl``: ``"expanded"``
-    (default) or ``"absorbed"`` (forwards of few queries, decode above all, attend over the latent: :mod:`.mla`).
-    ``fuse_inputs()``: q_proj and kv_a_proj_with_mqa in one matmul (:mod:`.fused_inputs`)."""
-
-    INPUTS = ("q_proj", "kv_a_proj_with_mqa")
+    (default) or ``"absorbed"`` (forwards of few queries, decode above all, attend over the latent: :mod:`.mla`)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -254,10 +249,9 @@ class MLAttention(FusedInputs, nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None):
         B, T, _ = x.shape                                                   # x [B, T, H]
-        q, kv_a = self.project_inputs(x)                                    # q_proj(x), kv_a_proj_with_mqa(x)
-        q = q.view(B, T, -1, self.q_head_dim).transpose(1, 2)               # [B, h, T, dn+dr]
+        q = self.q_proj(x).view(B, T, -1, self.q_head_dim).transpose(1, 2)  # [B, h, T, dn+dr]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        latent, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)                                # [B, T, r]
         q_pe = apply_rope(deinterleave(q_pe), cos[:, None], sin[:, None])   # [B, h, T, dr]
         k_pe = apply_rope(deinterleave(k_pe), cos, sin)                     # [B, T, dr], shared by all heads

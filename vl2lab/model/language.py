@@ -173,12 +173,6 @@ class DeepseekLanguageModel(nn.Module):
             if isinstance(mod, Experts):
                 mod.impl = impl
 
-    def set_fused_inputs(self, on: bool) -> int:
-        """Run every attention layer's input projections as one matmul (``on``) or each on its own
-        (:mod:`vl2lab.model.fused_inputs`; plain linears only, so a tensor-parallel model is unchanged) → how many
-        layers are fused."""
-        return sum(mod.fuse_inputs(on) for mod in self.modules() if isinstance(mod, (MHAttention, MLAttention)))
-
     def set_mla_impl(self, impl: str) -> None:
         """Pick how every MLA layer attends: 'expanded' (default) or 'absorbed' (decode over the latent, see
         :mod:`vl2lab.model.mla`). A ValueError names the allowed values; a model without MLA (tiny) is unchanged."""

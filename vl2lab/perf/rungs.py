@@ -47,7 +47,6 @@ class Rung:
     decode: str = "eager"         # eager | graph | compile (see vl2lab.model.graph_decode)
     vision: str = "eager"         # eager | compile
     mla: str = "expanded"         # MLAttention.impl: expanded | absorbed (models without MLA ignore it)
-    fused_inputs: bool = False    # each attention layer's input projections as one matmul (set_fused_inputs)
 
 
 RUNGS = (
@@ -60,8 +59,6 @@ RUNGS = (
     Rung("7 MLA weight absorption", decode="compile", vision="compile", mla="absorbed"),
     Rung("8 decode-shaped experts (Triton GEMV)", decode="compile", vision="compile", mla="absorbed",
          experts="gemv"),
-    Rung("9 fused input projections", decode="compile", vision="compile", mla="absorbed", experts="gemv",
-         fused_inputs=True),
 )
 
 
@@ -72,7 +69,6 @@ def apply(vl2, rung: Rung) -> None:
         vl2.to(dt)
     vl2.language.set_experts_impl(rung.experts)
     vl2.language.set_mla_impl(rung.mla)
-    vl2.language.set_fused_inputs(rung.fused_inputs)
     if rung.vision == "compile" and not getattr(vl2, "_vision_compiled", False):
         layers = next(m for n, m in vl2.vision.named_modules() if n.endswith("encoder.layers"))
         for i, layer in enumerate(compile_regions(list(layers))):
