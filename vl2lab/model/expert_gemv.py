@@ -20,10 +20,10 @@ pair and BLOCK_N rows of one projection, so a step has P·I/BLOCK_N programs, ev
               reduction, as it does unsharded and under tensor parallelism)
 
 The pairs stay in token order (pair p = t·k + j), so nothing is sorted and the combine is the down kernel's own
-loop over a token's k pairs, deterministic. A pair whose expert is not held here (expert parallelism: local id outside [0, E)) loads nothing
-and gives zero. The choice between these kernels and the grouped matmul reads shapes only (P ≤
-:data:`MAX_PAIRS`), so it is fixed for a captured decode step; past it (batch 32: 192 pairs over 64 experts) the
-grouped matmul reads each expert once for several tokens and wins.
+loop over a token's k pairs, deterministic. A pair whose expert is not held here (expert parallelism: local id
+outside [0, E)) loads nothing and gives zero. The choice between these kernels and the grouped matmul reads shapes
+only (P ≤ :data:`MAX_PAIRS`), so it is fixed for a captured decode step; past it (batch 32: 192 pairs over 64
+experts) the grouped matmul reads each expert once for several tokens and wins.
 
 Needs Triton and a CUDA device (or ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use where
 Triton is installed); elsewhere :func:`available` is False and the experts use the grouped matmul.

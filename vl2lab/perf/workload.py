@@ -4,14 +4,15 @@ Lesson: notebook 01, section "4. Where time and memory go"; notebook 05, section
 
 Workload: one 768×768 image (a 2×2 tiling: 5 ViT passes, 1023 image tokens), a 32-token text prompt, 64 new tokens
 with EOS ignored, at a given batch size. A batch is that many distinct requests (:func:`workload_requests`: the same
-question about pictures of the same size drawn from different seeds), so its rows route to different experts as
+question about pictures of the same size drawn from different seeds), so its rows can route to different experts as
 independent users' requests do; a batch of one request repeated would route every row alike and read a fraction of
-the expert weights that the decode floor (:func:`vl2lab.perf.roofline.decode_bytes`) counts. :func:`timed` gives the median of ``repeats`` runs after ``warmup`` runs
-(p10/p90 kept), with CUDA events on GPUs; :func:`time_steps` times a generation step by step from marks set inside
-its loop (the prefill, then each decode step on its own: never a difference of two totals);
-:func:`measure_generate` is the one measurement of that workload that the benchmark (:mod:`vl2lab.perf.bench`), the
-tuning ladder (:mod:`vl2lab.perf.rungs`) and, through :func:`time_steps`, transformers' peer
-(:mod:`vl2lab.perf.peer`) share. :func:`environment` names the hardware and versions a result was measured with.
+the expert weights that the decode floor (:func:`vl2lab.perf.roofline.decode_bytes`) counts. :func:`timed` gives
+the median of ``repeats`` runs after ``warmup`` runs (p10/p90 kept), with CUDA events on GPUs; :func:`time_steps`
+times a generation step by step from marks set inside its loop (the prefill, then each decode step on its own: never
+a difference of two totals); :func:`measure_generate` is the one measurement of that workload that the benchmark
+(:mod:`vl2lab.perf.bench`), the tuning ladder (:mod:`vl2lab.perf.rungs`) and, through :func:`time_steps`,
+transformers' peer (:mod:`vl2lab.perf.peer`) share. :func:`environment` names the hardware and versions a result
+was measured with.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from PIL import Image
 from vl2lab.inputs.tokenizer import ASSISTANT, USER
 from vl2lab.model.generation import step_hook
 
-__all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image", "conversation", "answer_tokens",
-           "workload_conversation", "workload_requests", "real_tiles", "stats", "timed", "time_steps", "measure_generate"]
+__all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image", "conversation",
+           "answer_tokens", "workload_conversation", "workload_question", "workload_requests", "real_tiles", "stats",
+           "timed", "time_steps", "measure_generate"]
 
 IMAGE_SIZE = (768, 768)
 PROMPT_TOKENS = 32
@@ -88,8 +90,10 @@ def conversation(question: str, image=None) -> list:
 def workload_question(processor, prompt_tokens: int = PROMPT_TOKENS) -> str:
     """The workload's question: "Describe the picture" padded with digits until its turn (template included, the
     image tokens not) is ``prompt_tokens`` tokens of ``processor``'s tokenizer."""
+    image = workload_image()                          # drawn once: only its token count matters here
+
     def text_tokens(q):
-        b = processor(conversation=conversation(q, workload_image()))
+        b = processor(conversation=conversation(q, image))
         return int(b["input_ids"].shape[1] - b["images_seq_mask"].sum())
 
     q = "Describe the picture"
@@ -207,10 +211,11 @@ def answer_tokens(vl2, batch, new_tokens: int = NEW_TOKENS, decode: str = "eager
 
 def measure_generate(vl2, processor, convs: list, decode: str = "eager", repeats: int = 3, warmup: int = 1,
                      new_tokens: int = NEW_TOKENS) -> dict:
-    """The workload on the batch of requests ``convs`` (:func:`workload_requests`): the vision tower on the batch's tiles (:func:`timed`),
-    then ``generate`` of ``new_tokens`` (EOS ignored) timed phase by phase (:func:`time_steps`, through
-    :func:`vl2lab.model.generation.step_hook`): prefill (vision + projector + the language model over the prompt,
-    up to the first token), every decode step, end to end; peak device memory of the generations on GPUs.
+    """The workload on the batch of requests ``convs`` (:func:`workload_requests`): the vision tower on the batch's
+    tiles (:func:`timed`), then ``generate`` of ``new_tokens`` (EOS ignored) timed phase by phase
+    (:func:`time_steps`, through :func:`vl2lab.model.generation.step_hook`): prefill (vision + projector + the
+    language model over the prompt, up to the first token), every decode step, end to end; peak device memory of the
+    generations on GPUs.
     Returns the batch (on the model's device), its real tiles, the timings, the last run's tokens and the peak."""
     dev = next(vl2.parameters()).device
     dt = next(vl2.parameters()).dtype
