@@ -108,6 +108,9 @@ def test_ladder_runs_and_reports_on_cpu(tmp_path):
     assert r5["decode_speedup"] == pytest.approx(r1["decode_ms_per_step"] / r5["decode_ms_per_step"])
     assert r5["images_speedup"] == pytest.approx(r5["images_per_s"] / r1["images_per_s"])
     assert r5["decode_ms_per_step"] == res["runs"][1]["decode_step_s"]["median"] * 1e3
+    read, k = res["experts_read"]["1"], get_config("random-tiny").language_config.num_experts_per_tok
+    assert (read["min"], read["max"]) == (k, k)                 # one sequence reads its k experts per layer
+    assert res["floor_routed"]["1"]["decode_s_per_step"] == pytest.approx(res["floor"]["1"]["decode_s_per_step"])
 
 
 def test_report_speedups_are_against_rung_1_at_the_same_batch():

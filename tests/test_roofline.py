@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from vl2lab.model.config import get_config
-from vl2lab.perf import bench, ladder, roofline, workload
+from vl2lab.perf import bench, ladder, roofline, routing, workload
 from vl2lab.planner.sizing import param_counts
 
 PERF_MODULES = ("workload", "rungs", "memory", "bench", "ladder", "report", "roofline", "step_profile", "peer",
-                "collectives")
+                "collectives", "routing")
 
 
 def test_experts_touched_uniform_routing():
@@ -30,6 +30,30 @@ def test_decode_bytes_parts_add_up():
     assert b["experts"] == pytest.approx(2 * 6 * c["routed_expert"] * c["n_moe_layers"])
     assert b["kv_cache"] == 1000 * 61440                           # tiny's MHA cache: 60 KiB per token
     assert 1.1e9 < b["dense"] + b["experts"] < 1.2e9               # ~1.15 GB of weights per step at batch 1
+
+
+def test_decode_bytes_at_a_counted_number_of_experts():
+    """The floor at a counted number of experts read per layer: the expert bytes scale with it, the rest stays."""
+    cfg = get_config("deepseek-vl2-small")
+    uniform, counted = roofline.decode_bytes(cfg, 32, 1000), roofline.decode_bytes(cfg, 32, 1000, touched=20.0)
+    assert counted["experts_touched_per_layer"] == 20.0 and 61.2 < uniform["experts_touched_per_layer"] < 61.4
+    assert counted["experts"] == pytest.approx(uniform["experts"] * 20.0 / uniform["experts_touched_per_layer"])
+    assert (counted["dense"], counted["kv_cache"]) == (uniform["dense"], uniform["kv_cache"])
+    assert roofline.decode_bytes(cfg, 1, 1000, touched=6.0) == roofline.decode_bytes(cfg, 1, 1000)
+
+
+def test_experts_read_counts_the_routers_choices(tiny_model):
+    """One token reads exactly its k experts in every layer; two requests read between k and min(E, 2k), counted
+    at every decode step (new_tokens − 1 of them) of every MoE layer, never in the prefill."""
+    model, processor = tiny_model
+    lm = model.config.language_config
+    E, k = lm.n_routed_experts, lm.num_experts_per_tok
+    moe_layers = sum(1 for m in model.modules() if type(m).__name__ == "Router")
+    one = routing.experts_read(model, processor, 1, new_tokens=3)
+    assert (one["min"], one["max"], one["samples"]) == (k, k, 2 * moe_layers) and one["uniform"] == pytest.approx(k)
+    two = routing.experts_read(model, processor, 2, new_tokens=4)
+    assert two["samples"] == 3 * moe_layers and k <= two["min"] <= two["max"] <= min(E, 2 * k)
+    assert two["n_experts"] == E and two["uniform"] == pytest.approx(roofline.experts_touched(E, k, 2))
 
 
 def test_floors_on_the_anchor_ceilings():

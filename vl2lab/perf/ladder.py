@@ -8,7 +8,9 @@ each decode step timed on its own). The rank reports which rung and batch it run
 The model is built once, on the device, with random weights in the first rung's dtype (no snapshot: the ladder is
 about speed) and cast to bf16 in place at rung 2. With ``--e2e`` the last rung at the largest batch is also
 measured from image files to answers, preprocessing in the main process and then in worker processes
-(:mod:`vl2lab.perf.pipeline_e2e`): ``end_to_end`` in the JSON. :func:`run` is one device; :func:`run_ranks` is the
+(:mod:`vl2lab.perf.pipeline_e2e`): ``end_to_end`` in the JSON. After the rungs, one eager generation per batch
+size counts the routed experts a decode step reads (:mod:`vl2lab.perf.routing`): ``experts_read``, and
+``floor_routed``, the floor at that count, beside ``floor`` (uniform routing). :func:`run` is one device; :func:`run_ranks` is the
 rank function that runs the workload as one tensor-parallel model or as data-parallel replicas.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vl2lab.perf import roofline
 from vl2lab.perf.collectives import bench_collectives
 from vl2lab.perf.peer import peer_timings
 from vl2lab.perf.pipeline_e2e import end_to_end_runs
+from vl2lab.perf.routing import experts_read
 from vl2lab.perf.rungs import RUNGS, Rung, apply, measure
 from vl2lab.perf.step_profile import profile_steps
 from vl2lab.perf.workload import environment, pick_device
@@ -112,6 +115,20 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
             continue
         result.setdefault("floor", {})[str(b)] = roofline.workload_floor(
             cfg, b, run0["prompt_len"], new_tokens, run0["tiles"] // b, result["ceilings"])
+        progress.report(f"counting the experts a decode step of batch {b} reads", todo, todo)
+        try:
+            with attention_kernel(rungs[-1].attention):
+                read = experts_read(vl2, processor, b, new_tokens, seed)
+        except Exception as e:  # noqa: BLE001 — recorded, the ladder goes on
+            read = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if read is not None:
+            result.setdefault("experts_read", {})[str(b)] = read
+        if read and "mean" in read:
+            result.setdefault("floor_routed", {})[str(b)] = roofline.workload_floor(
+                cfg, b, run0["prompt_len"], new_tokens, run0["tiles"] // b, result["ceilings"], touched=read["mean"])
+            log(f"batch {b}: a decode step reads {read['mean']:.1f} routed experts per layer (uniform routing: "
+                f"{read['uniform']:.1f}); decode floor {result['floor'][str(b)]['decode_s_per_step'] * 1e3:.2f} ms, "
+                f"at the counted experts {result['floor_routed'][str(b)]['decode_s_per_step'] * 1e3:.2f} ms")
     if peer:
         progress.report(f"transformers' own {model} language model (the peer)", todo, todo)
         try:

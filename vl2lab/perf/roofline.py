@@ -14,6 +14,9 @@ position, each touched expert read once per step, no launch gaps):
             + B · C · KV bytes per token                       (the cache read)
       t_decode = bytes / BW
 
+  E_touched can also be counted on the workload itself (:func:`vl2lab.perf.routing.experts_read`): rows whose
+  states route alike read fewer experts than independent rows would; the ladder records the floor both ways.
+
 * prefill of B prompts of T tokens (compute-bound once B·T is large, otherwise bounded by reading every expert)::
 
       t_prefill = max(2 · B · T · activated LM params / F,  LM weight bytes (all experts touched) / BW)
@@ -66,11 +69,15 @@ def experts_touched(n_experts: int, top_k: int, tokens: int) -> float:
     return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
 
 
-def decode_bytes(cfg: VL2Config, batch: int, context: int, dtype: str = "bfloat16") -> dict:
-    """Bytes one decode step of ``batch`` sequences at ``context`` cached positions must read, by part."""
+def decode_bytes(cfg: VL2Config, batch: int, context: int, dtype: str = "bfloat16",
+                 touched: float | None = None) -> dict:
+    """Bytes one decode step of ``batch`` sequences at ``context`` cached positions must read, by part.
+    ``touched``: routed experts read per MoE layer, e.g. as counted on the workload by
+    :func:`vl2lab.perf.routing.experts_read` (default: the uniform-routing estimate :func:`experts_touched`)."""
     c, lm = param_counts(cfg), cfg.language_config
     b = dtype_bytes(dtype)
-    touched = experts_touched(lm.n_routed_experts or 0, lm.num_experts_per_tok or 0, batch)
+    if touched is None:
+        touched = experts_touched(lm.n_routed_experts or 0, lm.num_experts_per_tok or 0, batch)
     parts = {
         "dense": b * (c["attention"] + c["dense_mlp"] + c["shared_experts"] + c["router"] + c["norms"]
                       + c["lm_head"]),
@@ -82,9 +89,10 @@ def decode_bytes(cfg: VL2Config, batch: int, context: int, dtype: str = "bfloat1
     return parts
 
 
-def decode_floor_s(cfg: VL2Config, batch: int, context: int, bandwidth: float, dtype: str = "bfloat16") -> float:
+def decode_floor_s(cfg: VL2Config, batch: int, context: int, bandwidth: float, dtype: str = "bfloat16",
+                   touched: float | None = None) -> float:
     """Seconds per decode step at the copy bandwidth ``bandwidth`` (bytes/s)."""
-    return decode_bytes(cfg, batch, context, dtype)["total"] / bandwidth
+    return decode_bytes(cfg, batch, context, dtype, touched)["total"] / bandwidth
 
 
 def prefill_floor_s(cfg: VL2Config, batch: int, tokens: int, flops: float, bandwidth: float,
@@ -110,14 +118,15 @@ def vision_floor_s(cfg: VL2Config, tiles: int, flops: float) -> float:
 
 
 def workload_floor(cfg: VL2Config, batch: int, prompt_len: int, new_tokens: int, tiles_per_image: int,
-                   device_info: dict, dtype: str = "bfloat16") -> dict:
+                   device_info: dict, dtype: str = "bfloat16", touched: float | None = None) -> dict:
     """The fixed workload's floor on the measured device: vision, prefill, decode per step (at the mean
-    context), end to end and images/s, in seconds (serial phases, as the benchmark runs them)."""
+    context), end to end and images/s, in seconds (serial phases, as the benchmark runs them). ``touched``: the
+    routed experts a decode step reads per MoE layer (default: uniform routing; see :func:`decode_bytes`)."""
     bw, fl = device_info["copy_bytes_per_s"], device_info["matmul_flops_per_s"]
     vis = vision_floor_s(cfg, batch * tiles_per_image, fl)
     pre = prefill_floor_s(cfg, batch, prompt_len, fl, bw, dtype)
-    step = decode_floor_s(cfg, batch, prompt_len + new_tokens // 2, bw, dtype)
+    step = decode_floor_s(cfg, batch, prompt_len + new_tokens // 2, bw, dtype, touched)
     e2e = vis + pre + (new_tokens - 1) * step
     return {"vision_s": vis, "prefill_s": pre, "decode_s_per_step": step, "e2e_s": e2e,
             "images_per_s": batch / e2e, "decode_bytes": decode_bytes(cfg, batch, prompt_len + new_tokens // 2,
-                                                                      dtype)}
+                                                                      dtype, touched)}
