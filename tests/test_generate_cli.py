@@ -143,7 +143,7 @@ def test_max_new_tokens_is_checked_before_any_work(micro, no_work, bad, error):
 
 
 def test_cli_max_new_tokens_zero_is_one_line():
-    for value, says in (("0", "0 is below 1"), ("2.5", "'2.5' is not a whole number")):
+    for value, says in (("0", "must be an integer >= 1, got '0'"), ("2.5", "must be an integer >= 1, got '2.5'")):
         p = run(GENERATE + ["--model", "random-tiny", "--max-new-tokens", value])
         assert p.returncode == 2 and f"argument --max-new-tokens: {says}" in one_error_line(p)
 

@@ -496,3 +496,20 @@ def test_the_planners_one_node_command_listens_on_loopback_only(tmp_path):
     assert "rank 1 of 2 done" in out and seen, (out, seen)
     exposed = sorted((pid, ip, port) for pid, ip, port in seen if ip not in ("127.0.0.1", "::1"))
     assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"
+
+
+def test_count_options_refuse_what_they_cannot_use():
+    """One option type serves every command line: a whole number at or above its minimum, else one message that
+    says both; the benchmark's and the ladder's counts refuse 0 repeats before building anything."""
+    import argparse
+
+    from vl2lab.launch.options import at_least
+    assert at_least(0)("0") == 0 and at_least(1)("12") == 12
+    for low, text in ((1, "0"), (0, "-1"), (1, "2.5"), (1, "x")):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^must be an integer >= {low}, got '{re.escape(text)}'$"):
+            at_least(low)(text)
+    for module in ("vl2lab.perf.ladder", "vl2lab.perf.bench"):
+        p = subprocess.run([sys.executable, "-m", module, "--repeats", "0"], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and "argument --repeats: must be an integer >= 1, got '0'" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr

@@ -143,7 +143,7 @@ def test_rebuild_command_refuses_counts_out_of_range_before_any_stage(capsys):
         with pytest.raises(SystemExit):
             rebuild.parser().parse_args(["--out", "x", opt, bad])
         err = capsys.readouterr().err
-        assert opt in err and "whole number" in err and "Traceback" not in err, err
+        assert opt in err and "must be an integer >=" in err and "Traceback" not in err, err
     assert rebuild.parser().parse_args(["--out", "x", "--tower-steps", "0"]).tower_steps == 0
 
 

@@ -2,7 +2,8 @@
 their return values back. ``launcher`` is ``run`` itself (arguments, run dir, the torchrun command and environment,
 the wait); ``processes`` starts, finds and stops the processes of a launch (so none outlives it); ``worker`` is each
 rank's side; ``results`` the per-rank records and errors; ``magic`` the ``%%torchrun`` cell magic
-(``%load_ext vl2lab``); ``__main__`` the command line, ``python -m vl2lab.launch MODULE:FUNCTION [-n N]``.
+(``%load_ext vl2lab``); ``options`` the option types the package's command lines share; ``__main__`` the command
+line, ``python -m vl2lab.launch MODULE:FUNCTION [-n N]``.
 
 Lesson: notebook 00 (starting ranks, a failing rank, what a launch costs).
 """

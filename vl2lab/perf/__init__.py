@@ -6,8 +6,8 @@ and the all-reduce latency allow (``tp_bound``), the decode-step profiler (``ste
 
 Layers, bottom up (no module imports one above it): ``workload`` → ``roofline``, ``step_profile``, ``peer``,
 ``collectives``, ``rungs``, ``memory``, ``routing`` → ``tp_bound``, ``bench``, ``ladder``; ``report`` reads recorded
-JSON only. The perf layer builds on model, inputs, weights, parallel, planner and launch (and the workbook's figure functions, for the
-benchmark's plot and the results explorer), never on lessons, train or serve.
+JSON only. The perf layer builds on model, inputs, weights, parallel, planner and launch (and the workbook's figure
+functions, for the benchmark's plot and the results explorer), never on lessons, train or serve.
 
 Lesson: notebook 05, section "2. The ladder, run here"; notebook 01, section "4. Where time and memory go".
 """

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from vl2lab.launch.options import at_least
 from vl2lab.model.dtypes import as_dtype
 from vl2lab.perf import roofline
 from vl2lab.perf.rungs import Rung, apply
@@ -106,10 +107,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto (the first GPU if any, else the CPU), cpu, cuda, cuda:N "
                                                      "(default: %(default)s)")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported "
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="timed runs per measurement; the median is reported "
                                                            "(default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the test picture "
+    ap.add_argument("--warmup", type=at_least(0), default=1, help="untimed runs before them (default: %(default)s)")
+    ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the random weights and of the test picture "
                                                         "(default: %(default)s)")
     ap.add_argument("--decode", default="eager", choices=("eager", "graph", "compile"),
                     help="eager loop, CUDA-graph replay of a static step, or that compiled (default: %(default)s)")

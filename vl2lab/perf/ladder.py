@@ -10,8 +10,9 @@ about speed) and cast to bf16 in place at rung 2. With ``--e2e`` the last rung a
 measured from image files to answers, preprocessing in the main process and then in worker processes
 (:mod:`vl2lab.perf.pipeline_e2e`): ``end_to_end`` in the JSON. After the rungs, one eager generation per batch
 size counts the routed experts a decode step reads (:mod:`vl2lab.perf.routing`): ``experts_read``, and
-``floor_routed``, the floor at that count, beside ``floor`` (uniform routing). :func:`run` is one device; :func:`run_ranks` is the
-rank function that runs the workload as one tensor-parallel model or as data-parallel replicas.
+``floor_routed``, the floor at that count, beside ``floor`` (uniform routing). :func:`run` is one device;
+:func:`run_ranks` is the rank function that runs the workload as one tensor-parallel model or as data-parallel
+replicas.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from vl2lab.launch import progress
+from vl2lab.launch.options import at_least
 from vl2lab.model.attention import attention_kernel
 from vl2lab.model.build import build_on_device
 from vl2lab.model.config import get_config
@@ -207,12 +209,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rungs", default=None,
                     help="comma-separated rung numbers, 1-based: " + "; ".join(f"{r.name}" for r in RUNGS)
                     + " (default: all)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported "
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="timed runs per measurement; the median is reported "
                                                            "(default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: %(default)s)")
-    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request, EOS ignored "
+    ap.add_argument("--warmup", type=at_least(0), default=1, help="untimed runs before them (default: %(default)s)")
+    ap.add_argument("--new-tokens", type=at_least(1), default=64, help="tokens generated per request, EOS ignored "
                                                                "(default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the test picture "
+    ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the random weights and of the test picture "
                                                         "(default: %(default)s)")
     ap.add_argument("--profile", action="store_true", help="also profile decode steps of the first and last rung")
     ap.add_argument("--peer", action="store_true", help="also time transformers' own LM of the preset (MLA only)")

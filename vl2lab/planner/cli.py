@@ -16,6 +16,7 @@ import re
 import sys
 import textwrap
 
+from vl2lab.launch.options import at_least
 from vl2lab.model.config import ConfigError, preset_name
 from vl2lab.planner.plan import DTYPES, VARIANTS, PlanError, parse_image_size, plan
 from vl2lab.planner.sizing import gb
@@ -62,18 +63,6 @@ class _Parser(argparse.ArgumentParser):
             opt, rest = m[1].split("/")[-1], m[2]
             message = f"{opt} {rest}" if rest.startswith("must ") else f"{opt}: {rest}"
         self.exit(EXIT["bad_arguments"], PREFIX + " ".join(message.split()) + "\n")
-
-
-def _int(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}")
-        return v
-    return parse
 
 
 def _gpu_gb(text: str) -> float:
@@ -140,31 +129,31 @@ def parser() -> argparse.ArgumentParser:
     add("--variant", metavar="NAME", type=_variant, default="small",
         help="model: tiny, small, base (= deepseek-vl2-tiny, deepseek-vl2-small, deepseek-vl2), vl2-micro (vl2lab's "
              "trained miniature) or random-tiny/-small/-base" + d)
-    add("--gpus", metavar="N", type=_int(1), default=4, help="number of GPUs, all of them used" + d)
+    add("--gpus", metavar="N", type=at_least(1), default=4, help="number of GPUs, all of them used" + d)
     add("--gpu-gb", metavar="GB", type=_gpu_gb, default=80, help="memory per GPU in GB of 10^9 bytes" + d)
     add("--dtype", default="bfloat16", choices=DTYPES, help="of the weights and activations" + d)
-    add("--batch", metavar="N", type=_int(1), default=1,
+    add("--batch", metavar="N", type=at_least(1), default=1,
         help="sequences in flight on the whole deployment; each of the dp copies takes ceil(batch/dp)" + d)
-    add("--images", metavar="N", type=_int(0), default=1, help="images per prompt, 0 for text only" + d)
+    add("--images", metavar="N", type=at_least(0), default=1, help="images per prompt, 0 for text only" + d)
     add("--image-size", metavar="WxH", type=_image_size, default="768x768",
         help="WIDTHxHEIGHT in pixels of each image; it sets the tiling (real variants: 421 to 2101 tokens per "
              "image)" + d)
     add("--context", metavar="TOKENS", type=_context, default="4096",
         help="tokens per sequence the KV cache and activations are sized for (a server's --max-model-len), or "
              "'request' for the request's own length (default: %(default)s, the trained length)")
-    add("--text-tokens", metavar="N", type=_int(0), default=64, help="prompt text tokens per request" + d)
-    add("--new-tokens", metavar="N", type=_int(0), default=512, help="generated tokens per request" + d)
+    add("--text-tokens", metavar="N", type=at_least(0), default=64, help="prompt text tokens per request" + d)
+    add("--new-tokens", metavar="N", type=at_least(0), default=512, help="generated tokens per request" + d)
     add("--moe-modes", metavar="MODES", type=_moe_modes, default="tp,ep",
         help="expert splits to consider: tp (every expert split by width), ep (whole experts per GPU) or tp,ep" + d)
     add("--vision", default="replicated", choices=("replicated", "dp", "tp"),
         help="the ViT: replicated on every rank, dp (tiles split over the ranks) or tp (its MLP split)" + d)
     add("--margin", metavar="FRACTION", type=_margin, default=0.10, help="share of each GPU kept free, in [0, 1)" + d)
-    add("--gpus-per-node", metavar="N", type=_int(1), default=8,
+    add("--gpus-per-node", metavar="N", type=at_least(1), default=8,
         help="GPUs per machine; more --gpus than this adds per-node commands" + d)
-    add("--tp", metavar="N", type=_int(1), default=None,
+    add("--tp", metavar="N", type=at_least(1), default=None,
         help="print the commands of the layout with this tensor-parallel size (default: the pick's)")
     add("--moe", choices=("tp", "ep"), default="tp", help="with --tp: how that layout splits the experts" + d)
-    add("--ep", metavar="N", type=_int(1), default=None,
+    add("--ep", metavar="N", type=at_least(1), default=None,
         help="with --tp and --moe ep: the expert-parallel size, --tp or --gpus (default: the first in the table)")
     add("--model-path", metavar="FOLDER", default=None,
         help="--model of the vl2lab command (default: vl2-micro and random-* as such; for the real variants "

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from vl2lab.inputs.tiling import ProcessorError
+from vl2lab.launch.options import at_least
 from vl2lab.model.config import ConfigError
 from vl2lab.model.generation import GenerationError
 from vl2lab.parallel.groups import barrier, device, rank, world_size
@@ -88,17 +89,6 @@ def shutdown_distributed(ok: bool = True) -> None:
     dist.destroy_process_group()
 
 
-def _new_tokens(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give how many tokens to generate, "
-                                         "at least 1") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is below 1: generation makes at least one token")
-    return n
-
-
 class _Parser(argparse.ArgumentParser):
     """A command-line mistake is one line, printed by rank 0 only (every rank exits with 2)."""
 
@@ -116,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(random weights; aliases tiny, small, base) (required, no default)")
     p.add_argument("--image", default=None, help="picture file: PNG, JPEG, ... (default: none, a text-only prompt)")
     p.add_argument("--prompt", default="Describe this image.", help="the question (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=_new_tokens, default=32, metavar="N",
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32, metavar="N",
                    help="tokens to generate, at least 1; prompt + N must fit the model's context (default: "
                         "%(default)s)")
     p.add_argument("--moe", default="tp", choices=("tp", "ep"), help="tp: every routed expert's width split over "

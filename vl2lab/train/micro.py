@@ -35,6 +35,7 @@ import time
 import torch
 
 import vl2lab
+from vl2lab.launch.options import at_least
 from vl2lab.train.ddp import CURRICULUM, QTYPE_WEIGHTS, STATE, VISION_LR_MULT
 from vl2lab.train.scenes import dataset
 from vl2lab.train.score import score
@@ -136,19 +137,6 @@ def _targets(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _at_least(low: int):
-    """An argparse type: a whole number ≥ ``low``, else an error that says so (checked before any stage runs)."""
-    def count(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = None
-        if n is None or n < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ {low}")
-        return n
-    return count
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m vl2lab.train.micro`` (every option says what it sets and its default)."""
     p = argparse.ArgumentParser(
@@ -161,9 +149,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="snapshot folder to write: config.json, model.safetensors, tokenizer, eval.json, README.md "
                         "(required; the shipped one is vl2lab/assets/vl2-micro)")
-    p.add_argument("--world-size", type=_at_least(1), default=2, metavar="W",
+    p.add_argument("--world-size", type=at_least(1), default=2, metavar="W",
                    help="ranks (DDP processes) of every stage (default: %(default)s)")
-    p.add_argument("--tower-steps", type=_at_least(0), default=2000, metavar="N",
+    p.add_argument("--tower-steps", type=at_least(0), default=2000, metavar="N",
                    help="stage 0 steps: the vision tower alone learns the kind of shape under each patch; 0 skips "
                         "stage 0 and trains the tower from random weights in stage 1 (default: %(default)s)")
     p.add_argument("--tower-targets", type=_targets, default=DEFAULT_TARGETS, metavar="T,T,...",
@@ -173,11 +161,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-kind-weight", type=float, default=0.0, metavar="W",
                    help="stage 0: weight of an extra kind cross-entropy over the patches on a shape alone (the "
                         "background is most of the patches and easy; default: %(default)g)")
-    p.add_argument("--tower-batch-size", type=_at_least(1), default=4, metavar="B",
+    p.add_argument("--tower-batch-size", type=at_least(1), default=4, metavar="B",
                    help="scenes per rank per stage-0 step (default: %(default)s)")
-    p.add_argument("--steps", type=_at_least(1), default=900, metavar="N",
+    p.add_argument("--steps", type=at_least(1), default=900, metavar="N",
                    help="stage 1 steps, each of W × --batch-size dialogues (default: %(default)s)")
-    p.add_argument("--batch-size", type=_at_least(1), default=4, metavar="B",
+    p.add_argument("--batch-size", type=at_least(1), default=4, metavar="B",
                    help="dialogues per rank per stage-1 step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="stage 1 peak learning rate, AdamW with a 50-step warm-up and a cosine to 5%% "
@@ -190,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
                         f"defaults: {', '.join(f'{k}={v:g}' for k, v in QTYPE_WEIGHTS.items())})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights and of the data order (default: %(default)s)")
-    p.add_argument("--eval-n", type=_at_least(4), default=400, metavar="N",
+    p.add_argument("--eval-n", type=at_least(4), default=400, metavar="N",
                    help="eval-split questions to score, a quarter of each question type (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="weights of the exported snapshot; auto: float32 if they stay under 10 MiB, else bfloat16 "
