@@ -25,7 +25,7 @@ from vl2lab.lessons import ddp_checks
 from vl2lab.model import build_model
 from vl2lab.model.config import published_config_dict
 from vl2lab.parallel import groups as vdist
-from vl2lab.train import batches, ddp, scenes, score
+from vl2lab.train import batches, ddp, prefetch, scenes, score
 from vl2lab.train.eval import shard_eval
 from vl2lab.train.loop import log_buckets, resolve_config
 from vl2lab.train.tower import eval_batch, pretrain_tower
@@ -36,6 +36,10 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 LONG = 600.0
+
+
+def _square(step: int) -> int:
+    return step * step
 
 
 def _error(fn, **kw) -> str:
@@ -65,6 +69,9 @@ def rank_suite(root: str) -> dict:
         "few_samples": _error(ddp.train, out=os.path.join(root, "c"), n_train=1, **common),
     }
     stage0 = pretrain_tower(os.path.join(root, "t"), steps=2, batch_size=1, log_every=1, eval_n=2)
+    prefetched = {"train": ddp.train(os.path.join(root, "p"), workers=2, **common),
+                  "tower": pretrain_tower(os.path.join(root, "tp"), steps=2, batch_size=1, log_every=1, eval_n=2,
+                                          workers=1)}
     frozen = ddp.train(os.path.join(root, "f"), tower=stage0["path"], vision_lr_mult=0.0, **common)
     errors["no_tower"] = _error(ddp.train, out=os.path.join(root, "g"), tower=os.path.join(root, "none.safetensors"),
                                 **common)
@@ -85,7 +92,7 @@ def rank_suite(root: str) -> dict:
     return {"full": full, "part": part, "rest": rest, "max_weight_diff": max(float((wa[k] - wb[k]).abs().max())
                                                                             for k in wa),
             "errors": errors, "grads": grads, "sharded": sharded, "single": single, "overhead": overhead,
-            "traffic": traffic, "stage0": stage0, "frozen": frozen}
+            "traffic": traffic, "stage0": stage0, "frozen": frozen, "prefetched": prefetched}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +107,18 @@ def test_resume_equals_uninterrupted(suite):
     assert [h["step"] for h in r["rest"]["history"]] == [1, 2] and r["rest"]["steps_run"] == 1
     assert r["rest"]["history"][-1]["loss"] == pytest.approx(r["full"]["history"][-1]["loss"], rel=1e-5)
     assert r["max_weight_diff"] <= 1e-6
+
+
+def test_batches_prepared_by_workers_give_the_same_run(suite):
+    """Stage 0 and stage 1 with their next steps' batches prepared in worker processes train on the very batches
+    of the run without workers: the same losses, step by step, on every rank."""
+    for r in suite:
+        p = r["prefetched"]
+        assert [h["loss"] for h in p["train"]["history"]] == [h["loss"] for h in r["full"]["history"]]
+        assert [h["loss"] for h in p["tower"]["history"]] == [h["loss"] for h in r["stage0"]["history"]]
+    with pytest.raises(ValueError, match="workers=-1"):
+        list(prefetch.prefetched(_square, range(2), workers=-1))
+    assert list(prefetch.prefetched(_square, range(5), workers=2, ahead=1)) == [0, 1, 4, 9, 16]
 
 
 def test_gradients_of_w_ranks_equal_one_process(suite):

@@ -38,7 +38,7 @@ from vl2lab.train.loop import TrainingError
 from vl2lab.train.scenes import task_texts
 
 __all__ = ["task_processor", "step_examples", "micro_batches", "answer_qtypes", "make_batch", "answer_ids",
-           "answer_weights", "loss_sum", "n_answers", "backward_step"]
+           "answer_weights", "loss_sum", "n_answers", "step_batches", "backward_step"]
 
 
 def task_processor(path: str, vocab_size: int = 512, patch_size: int = 14) -> VL2Processor:
@@ -73,10 +73,11 @@ def answer_qtypes(example) -> list:
     return [t[0] for t in example.turns] if hasattr(example, "turns") else [example.qtype]
 
 
-def make_batch(processor, examples: Sequence, qtype_weights: Optional[dict] = None):
+def make_batch(processor, examples: Sequence, qtype_weights: Optional[dict] = None, device=None):
     """Training batch of one micro-batch: the processor's output with ``labels`` (−100 off the answers) and
     ``answer_weights`` [B, T−1] (aligned with ``labels[:, 1:]``): each answer's tokens sum to its question type's
-    weight in ``qtype_weights`` (1 for a type it does not name; all 1 when None)."""
+    weight in ``qtype_weights`` (1 for a type it does not name; all 1 when None); on ``device`` (default: the
+    rank's)."""
     batch = processor(conversations=[ex.conversation(with_answer=True) for ex in examples], inference_mode=False,
                       return_labels=True)
     w = answer_weights(batch["labels"][:, 1:])                      # [B, T−1], each answer sums to 1
@@ -88,7 +89,7 @@ def make_batch(processor, examples: Sequence, qtype_weights: Optional[dict] = No
                                 "turns: an answer was cut (prompt longer than the processor's max_length?)")
         w = w * scale[run]
     batch["answer_weights"] = w
-    return batch.to(vdist.device())
+    return batch.to(vdist.device() if device is None else device)
 
 
 def answer_ids(labels: torch.Tensor) -> torch.Tensor:
@@ -129,10 +130,20 @@ def n_answers(batch) -> float:
     return float(w.sum())
 
 
-def backward_step(ddp_model, processor, examples, world: int, qtype_weights: Optional[dict] = None) -> tuple:
+def step_batches(processor, examples, qtype_weights: Optional[dict] = None, device=None) -> list:
+    """The batches of one rank's step, one per micro-batch (:func:`micro_batches`), on ``device`` (default: the
+    rank's; ``"cpu"`` where a worker process prepares them ahead, :mod:`vl2lab.train.prefetch`)."""
+    return [make_batch(processor, g, qtype_weights, device) for g in micro_batches(examples)]
+
+
+def backward_step(ddp_model, processor, examples, world: int, qtype_weights: Optional[dict] = None,
+                  batches: Optional[list] = None) -> tuple:
     """Forward + backward of one rank's examples with the global normalisation → (Σ weighted CE, local N,
-    global N). All but the last micro-batch skip the all-reduce (``no_sync``); the last one syncs the sum."""
-    batches = [make_batch(processor, g, qtype_weights) for g in micro_batches(examples)]
+    global N). All but the last micro-batch skip the all-reduce (``no_sync``); the last one syncs the sum.
+    ``batches``: the step's :func:`step_batches`, already made (e.g. on the CPU by a worker); else made here."""
+    if batches is None:
+        batches = step_batches(processor, examples, qtype_weights)
+    batches = [b.to(vdist.device()) for b in batches]
     n_local = sum(n_answers(b) for b in batches)
     n_all = torch.tensor([float(n_local)], device=vdist.device())
     if world > 1:

@@ -20,6 +20,7 @@ with one clear error, before anything in it runs).
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -34,8 +35,9 @@ from vl2lab.launch.payload import refusal
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config
 from vl2lab.parallel import groups as vdist
-from vl2lab.train.batches import backward_step, step_examples, task_processor
+from vl2lab.train.batches import backward_step, step_batches, step_examples, task_processor
 from vl2lab.train.loop import TrainingError, log_buckets, lr_schedule, resolve_config, wrap_ddp
+from vl2lab.train.prefetch import prefetched
 from vl2lab.train.scenes import dialogues
 from vl2lab.train.tower import load_tower
 from vl2lab.weights.pretrained import CheckpointError, load_pretrained, save_pretrained
@@ -134,16 +136,25 @@ def _optimizer(model, lr: float, weight_decay: float, vision_lr_mult: float) -> 
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
 
 
+def _rank_step(stages, batch_size: int, world: int, rank: int, seed: int, processor, weights: dict, step: int) -> list:
+    """Rank ``rank``'s batches of step ``step`` on the CPU, from the curriculum stage the step falls in."""
+    ds = [d for s0, d in stages if step >= s0][-1]
+    return step_batches(processor, step_examples(ds, step, batch_size, world, rank, seed), weights, device="cpu")
+
+
 def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, lr: float = 1e-3,
           warmup: int = 50, min_lr_ratio: float = 0.05, weight_decay: float = 0.0, grad_clip: float = 1.0,
           n_train: int = 100_000, seed: int = 0, save_every: int = 100, resume: bool = False,
           stop_at: Optional[int] = None, log_every: int = 10, curriculum=CURRICULUM,
-          qtype_weights: Optional[dict] = None, vision_lr_mult: float = VISION_LR_MULT, tower: str = "") -> dict:
+          qtype_weights: Optional[dict] = None, vision_lr_mult: float = VISION_LR_MULT, tower: str = "",
+          workers: int = 0) -> dict:
     """Rank function (``vl2lab.run("vl2lab.train.ddp:train", world_size=W, out=...)``): train ``config`` on the shapes
     task for ``steps`` steps of W·``batch_size`` examples; checkpoint every ``save_every`` steps and at the end.
     ``tower``: a pre-trained vision tower (:mod:`vl2lab.train.tower`) to start from; ``vision_lr_mult=0``
     freezes the tower (no gradient, no all-reduce for it), as DeepSeek-VL2's first stage does.
-    ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). Returns (every rank)
+    ``stop_at``: stop after the checkpoint of that step (an interruption, for resume tests). ``workers``: worker
+    processes per rank that prepare the next steps' batches (:mod:`vl2lab.train.prefetch`; the same batches, so
+    the same run; 0: the rank prepares each step itself). Returns (every rank)
     the loss history, the all-reduce bytes and buckets of every step as DDP's communication hook saw them
     (:func:`vl2lab.train.loop.log_buckets`; their mean, ``allreduce_bytes_per_step``) and timings. Reports
     "training step n/N" as the rank's progress."""
@@ -176,12 +187,11 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
     stages = [(int(f * steps), dialogues("train", n_train, max_shapes=k)) for f, k in curriculum]
     t0, end = time.time(), stop_at or steps
     progress.report("training step", start, end)
-    for step in range(start, end):
+    make = functools.partial(_rank_step, stages, batch_size, world, rank, seed, processor, args["qtype_weights"])
+    for step, batches in zip(range(start, end), prefetched(make, range(start, end), workers)):
         for grp in opt.param_groups:
             grp["lr"] = lr * grp["lr_mult"] * lr_schedule(step, steps, warmup, min_lr_ratio)
-        ds = [d for s0, d in stages if step >= s0][-1]
-        examples = step_examples(ds, step, batch_size, world, rank, seed)
-        loss, _, n_all = backward_step(ddp, processor, examples, world, args["qtype_weights"])
+        loss, _, n_all = backward_step(ddp, processor, None, world, batches=batches)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

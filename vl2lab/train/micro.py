@@ -176,6 +176,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", action="append", default=[], metavar="QTYPE=W", type=_weight,
                    help="stage 1 loss weight of one question type's answers, e.g. --weight ground=4 (repeatable; "
                         f"defaults: {', '.join(f'{k}={v:g}' for k, v in QTYPE_WEIGHTS.items())})")
+    p.add_argument("--workers", type=at_least(0), default=0, metavar="N",
+                   help="worker processes per rank that prepare the next steps' scenes and batches while this one "
+                        "trains (vl2lab.train.prefetch; the same batches, so the same run; worth it on a GPU, where "
+                        "the input side is most of a step; default: %(default)s, each rank prepares its own)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights and of the data order (default: %(default)s)")
     p.add_argument("--eval-n", type=at_least(4), default=400, metavar="N",
@@ -219,7 +223,7 @@ def main(argv=None) -> int:
                  "shape_kind_weight": a.tower_kind_weight}     # pretrain_tower's arguments, kept in tower.json
         if not (a.resume and os.path.isfile(tower) and _same_stage0(facts, asked)):
             r0 = vl2lab.run("vl2lab.train.tower:pretrain_tower", world_size=a.world_size, timeout=a.timeout,
-                            stream=True, out=work, seed=a.seed, **asked)[0]
+                            stream=True, out=work, seed=a.seed, workers=a.workers, **asked)[0]
             with open(facts, "w") as f:
                 json.dump({**asked, "wall_s": time.time() - t0, **r0["evals"][-1], "evals": r0["evals"]}, f)
         with open(facts) as f:
@@ -229,7 +233,7 @@ def main(argv=None) -> int:
     resume = a.resume and os.path.isfile(os.path.join(work, "checkpoint", STATE))   # else stage 1 starts afresh
     res = vl2lab.run("vl2lab.train.ddp:train", world_size=a.world_size, timeout=a.timeout, stream=True, out=work,
                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, vision_lr_mult=vmult, seed=a.seed,
-                     resume=resume, tower=tower, qtype_weights=weights)
+                     resume=resume, tower=tower, qtype_weights=weights, workers=a.workers)
     train_wall, vl_wall = time.time() - t0, time.time() - t_vl
     info = export(os.path.join(work, "checkpoint"), a.out, a.dtype)
     t1 = time.time()

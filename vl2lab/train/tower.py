@@ -38,6 +38,7 @@ target (:func:`patch_scores`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from vl2lab.model.vision import encode_tiles
 from vl2lab.parallel import groups as vdist
 from vl2lab.train.batches import step_examples
 from vl2lab.train.loop import TrainingError, lr_schedule, resolve_config, wrap_ddp
+from vl2lab.train.prefetch import prefetched
 from vl2lab.train.scenes import COLOURS, EVAL_OFFSET, SHAPES, make_scene
 from vl2lab.weights.pretrained import CheckpointError
 
@@ -169,6 +171,11 @@ def _batch(seeds, grid: int, names) -> tuple:
     return global_views(sc), {n: torch.stack([p[n] for p in per]) for n in per[0]}
 
 
+def _step_batch(n_train: int, batch_size: int, world: int, rank: int, seed: int, grid: int, names, step: int) -> tuple:
+    """Rank ``rank``'s :func:`_batch` of step ``step`` (train-split seeds; on the CPU)."""
+    return _batch(step_examples(range(n_train), step, batch_size, world, rank, seed), grid, names)
+
+
 def eval_batch(grid: int, n: int = 48, names=DEFAULT_TARGETS) -> tuple:
     """(global views, targets) of the first ``n`` eval-split scenes."""
     return _batch(range(EVAL_OFFSET, EVAL_OFFSET + n), grid, names)
@@ -240,9 +247,10 @@ def patch_loss(logits: torch.Tensor, targets: dict, box_weight: float = BOX_WEIG
 def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: int = 8, lr: float = 1e-3,
                    warmup: int = 50, min_lr_ratio: float = 0.05, n_train: int = 100_000, seed: int = 0,
                    log_every: int = 100, eval_n: int = 48, box_weight: float = BOX_WEIGHT,
-                   targets=DEFAULT_TARGETS, shape_kind_weight: float = 0.0) -> dict:
+                   targets=DEFAULT_TARGETS, shape_kind_weight: float = 0.0, workers: int = 0) -> dict:
     """Rank function: pre-train ``config``'s tower for ``steps`` steps of W·``batch_size`` scenes on the cell
-    ``targets`` (names in ``TARGETS``; see the module docstring); rank 0 saves ``out/tower.safetensors``. Returns
+    ``targets`` (names in ``TARGETS``; see the module docstring); rank 0 saves ``out/tower.safetensors``.
+    ``workers``: processes per rank drawing the next steps' scenes (:mod:`vl2lab.train.prefetch`). Returns
     the history, the eval scores on shapes (every ``log_every`` steps and at the end) and the wall time."""
     if steps < 1 or batch_size < 1:
         raise TrainingError(f"steps={steps} and batch_size={batch_size} must both be ≥ 1")
@@ -258,10 +266,10 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
     net = wrap_ddp(model) if world > 1 else model
     held_out = eval_batch(grid, eval_n, targets) if rank == 0 else None   # rendered once, scored every log_every steps
     history, evals, t0 = [], [], time.time()
-    for step in range(steps):
+    make = functools.partial(_step_batch, n_train, batch_size, world, rank, seed, grid, targets)
+    for step, (x, y) in zip(range(steps), prefetched(make, range(steps), workers)):
         for g in opt.param_groups:
             g["lr"] = lr * lr_schedule(step, steps, warmup, min_lr_ratio)
-        x, y = _batch(step_examples(range(n_train), step, batch_size, world, rank, seed), grid, targets)
         logits = net(x.to(vdist.device()))                          # [b, grid², Σ widths]
         loss = patch_loss(logits, {n: t.to(logits.device) for n, t in y.items()}, box_weight=box_weight,
                           shape_kind_weight=shape_kind_weight)
