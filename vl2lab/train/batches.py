@@ -38,7 +38,7 @@ from vl2lab.train.loop import TrainingError
 from vl2lab.train.scenes import task_texts
 
 __all__ = ["task_processor", "step_examples", "micro_batches", "answer_qtypes", "make_batch", "answer_ids",
-           "answer_weights", "loss_sum", "n_answers", "step_batches", "backward_step"]
+           "answer_weights", "loss_sum", "n_answers", "step_batches", "backward_batches", "backward_step"]
 
 
 def task_processor(path: str, vocab_size: int = 512, patch_size: int = 14) -> VL2Processor:
@@ -136,13 +136,16 @@ def step_batches(processor, examples, qtype_weights: Optional[dict] = None, devi
     return [make_batch(processor, g, qtype_weights, device) for g in micro_batches(examples)]
 
 
-def backward_step(ddp_model, processor, examples, world: int, qtype_weights: Optional[dict] = None,
-                  batches: Optional[list] = None) -> tuple:
+def backward_step(ddp_model, processor, examples, world: int, qtype_weights: Optional[dict] = None) -> tuple:
     """Forward + backward of one rank's examples with the global normalisation → (Σ weighted CE, local N,
-    global N). All but the last micro-batch skip the all-reduce (``no_sync``); the last one syncs the sum.
-    ``batches``: the step's :func:`step_batches`, already made (e.g. on the CPU by a worker); else made here."""
-    if batches is None:
-        batches = step_batches(processor, examples, qtype_weights)
+    global N): :func:`backward_batches` of their :func:`step_batches`."""
+    return backward_batches(ddp_model, step_batches(processor, examples, qtype_weights), world)
+
+
+def backward_batches(ddp_model, batches: list, world: int) -> tuple:
+    """Forward + backward of one rank's step, already made into ``batches`` (:func:`step_batches`, e.g. on the
+    CPU by a worker; moved to the rank's device here) → (Σ weighted CE, local N, global N). All but the last
+    micro-batch skip the all-reduce (``no_sync``); the last one syncs the sum."""
     batches = [b.to(vdist.device()) for b in batches]
     n_local = sum(n_answers(b) for b in batches)
     n_all = torch.tensor([float(n_local)], device=vdist.device())

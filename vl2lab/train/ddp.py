@@ -35,7 +35,7 @@ from vl2lab.launch.payload import refusal
 from vl2lab.model import build_model
 from vl2lab.model.config import VL2Config
 from vl2lab.parallel import groups as vdist
-from vl2lab.train.batches import backward_step, step_batches, step_examples, task_processor
+from vl2lab.train.batches import backward_batches, step_batches, step_examples, task_processor
 from vl2lab.train.loop import TrainingError, log_buckets, lr_schedule, resolve_config, wrap_ddp
 from vl2lab.train.prefetch import prefetched
 from vl2lab.train.scenes import dialogues
@@ -188,10 +188,10 @@ def train(out: str, config="vl2-micro", steps: int = 1000, batch_size: int = 4, 
     t0, end = time.time(), stop_at or steps
     progress.report("training step", start, end)
     make = functools.partial(_rank_step, stages, batch_size, world, rank, seed, processor, args["qtype_weights"])
-    for step, batches in zip(range(start, end), prefetched(make, range(start, end), workers)):
+    for step, batches in prefetched(make, range(start, end), workers):
         for grp in opt.param_groups:
             grp["lr"] = lr * grp["lr_mult"] * lr_schedule(step, steps, warmup, min_lr_ratio)
-        loss, _, n_all = backward_step(ddp, processor, None, world, batches=batches)
+        loss, _, n_all = backward_batches(ddp, batches, world)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ __all__ = ["prefetched"]
 
 
 class _Steps(Dataset):
-    """Item i is ``make(steps[i])``."""
+    """Item i is ``(steps[i], make(steps[i]))``."""
 
     def __init__(self, make: Callable, steps: list):
         self.make, self.steps = make, steps
@@ -34,8 +34,8 @@ class _Steps(Dataset):
     def __len__(self) -> int:
         return len(self.steps)
 
-    def __getitem__(self, i: int):
-        return self.make(self.steps[i])
+    def __getitem__(self, i: int) -> tuple:
+        return self.steps[i], self.make(self.steps[i])
 
 
 def _as_is(item):
@@ -44,13 +44,13 @@ def _as_is(item):
 
 
 def prefetched(make: Callable, steps: Iterable[int], workers: int = 0, ahead: int = 4) -> Iterator:
-    """``make(step)`` for each of ``steps``, in order: in this process (``workers=0``), or prepared ``ahead`` steps
-    per worker in advance by ``workers`` worker processes. ``make`` must not touch the GPU (its results are moved
+    """``(step, make(step))`` for each of ``steps``, in order: in this process (``workers=0``), or prepared
+    ``ahead`` steps per worker in advance by ``workers`` worker processes. ``make`` must not touch the GPU (its results are moved
     to the device by the caller)."""
     steps = list(steps)
     if workers < 0:
         raise ValueError(f"workers={workers} must be >= 0 (0 prepares each step in the training process)")
     if workers == 0 or not steps:
-        return (make(s) for s in steps)
+        return ((s, make(s)) for s in steps)
     return iter(DataLoader(_Steps(make, steps), batch_size=None, shuffle=False, num_workers=min(workers, len(steps)),
                            prefetch_factor=ahead, collate_fn=_as_is))

@@ -267,7 +267,7 @@ def pretrain_tower(out: str, config="vl2-micro", steps: int = 2000, batch_size: 
     held_out = eval_batch(grid, eval_n, targets) if rank == 0 else None   # rendered once, scored every log_every steps
     history, evals, t0 = [], [], time.time()
     make = functools.partial(_step_batch, n_train, batch_size, world, rank, seed, grid, targets)
-    for step, (x, y) in zip(range(steps), prefetched(make, range(steps), workers)):
+    for step, (x, y) in prefetched(make, range(steps), workers):
         for g in opt.param_groups:
             g["lr"] = lr * lr_schedule(step, steps, warmup, min_lr_ratio)
         logits = net(x.to(vdist.device()))                          # [b, grid², Σ widths]
