@@ -115,8 +115,8 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
         run0 = next((r for r in result["runs"] if r["batch"] == b and "error" not in r), None)
         if run0 is None:
             continue
-        result.setdefault("floor", {})[str(b)] = roofline.workload_floor(
-            cfg, b, run0["prompt_len"], new_tokens, run0["tiles"] // b, result["ceilings"])
+        floor_args = (cfg, b, run0["prompt_len"], new_tokens, run0["tiles"] // b, result["ceilings"])
+        result.setdefault("floor", {})[str(b)] = roofline.workload_floor(*floor_args)
         progress.report(f"counting the experts a decode step of batch {b} reads", todo, todo)
         try:
             with attention_kernel(rungs[-1].attention):
@@ -126,8 +126,7 @@ def run(model: str = "deepseek-vl2-tiny", device: str = "auto", batch_sizes=(1, 
         if read is not None:
             result.setdefault("experts_read", {})[str(b)] = read
         if read and "mean" in read:
-            result.setdefault("floor_routed", {})[str(b)] = roofline.workload_floor(
-                cfg, b, run0["prompt_len"], new_tokens, run0["tiles"] // b, result["ceilings"], touched=read["mean"])
+            result.setdefault("floor_routed", {})[str(b)] = roofline.workload_floor(*floor_args, touched=read["mean"])
             log(f"batch {b}: a decode step reads {read['mean']:.1f} routed experts per layer (uniform routing: "
                 f"{read['uniform']:.1f}); decode floor {result['floor'][str(b)]['decode_s_per_step'] * 1e3:.2f} ms, "
                 f"at the counted experts {result['floor_routed'][str(b)]['decode_s_per_step'] * 1e3:.2f} ms")

@@ -21,7 +21,7 @@ import torch
 
 from vl2lab.model.moe import Router
 from vl2lab.perf.roofline import experts_touched
-from vl2lab.perf.workload import NEW_TOKENS, answer_tokens, workload_requests
+from vl2lab.perf.workload import NEW_TOKENS, answer_tokens, workload_batch
 
 __all__ = ["experts_read"]
 
@@ -42,7 +42,7 @@ def experts_read(vl2, processor, batch_size: int, new_tokens: int = NEW_TOKENS, 
             counts.append(int(torch.unique(idx).numel()))
 
     dev, dt = next(vl2.parameters()).device, next(vl2.parameters()).dtype
-    batch = processor(conversations=workload_requests(processor, batch_size, seed)).to(dev, dt)
+    batch = workload_batch(processor, batch_size, dev, dt, seed)
     hooks = [r.register_forward_hook(note) for r in routers]
     try:
         with torch.inference_mode():

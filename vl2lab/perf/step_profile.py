@@ -23,7 +23,7 @@ import time
 import torch
 
 from vl2lab.model.graph_decode import decoder_for
-from vl2lab.perf.workload import workload_requests
+from vl2lab.perf.workload import workload_batch
 
 __all__ = ["CATEGORIES", "category", "profile_steps", "summarise"]
 
@@ -80,7 +80,7 @@ def profile_steps(vl2, processor, batch_size: int = 1, steps: int = 8, decode: s
     dev = next(vl2.parameters()).device
     dt = next(vl2.parameters()).dtype
     cuda = dev.type == "cuda"
-    batch = processor(conversations=workload_requests(processor, batch_size, seed)).to(dev, dt)
+    batch = workload_batch(processor, batch_size, dev, dt, seed)
     lm = vl2.language
     embeds = vl2.prepare_inputs_embeds(batch["input_ids"], batch["images"], batch["images_seq_mask"],
                                        batch["images_spatial_crop"])

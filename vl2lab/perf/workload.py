@@ -30,8 +30,8 @@ from vl2lab.inputs.tokenizer import ASSISTANT, USER
 from vl2lab.model.generation import step_hook
 
 __all__ = ["IMAGE_SIZE", "PROMPT_TOKENS", "NEW_TOKENS", "environment", "pick_device", "workload_image", "conversation",
-           "answer_tokens", "workload_conversation", "workload_question", "workload_requests", "real_tiles", "stats",
-           "timed", "time_steps", "measure_generate"]
+           "answer_tokens", "workload_conversation", "workload_question", "workload_requests", "workload_batch",
+           "real_tiles", "stats", "timed", "time_steps", "measure_generate"]
 
 IMAGE_SIZE = (768, 768)
 PROMPT_TOKENS = 32
@@ -119,6 +119,12 @@ def workload_requests(processor, batch_size: int, seed: int = 0, prompt_tokens: 
     ``workload_image(seed + i)`` (same size, so the same tiling and length; row 0 is the batch-1 request)."""
     q = workload_question(processor, prompt_tokens)
     return [conversation(q, workload_image(seed + i)) for i in range(batch_size)]
+
+
+def workload_batch(processor, batch_size: int, device, dtype, seed: int = 0, prompt_tokens: int = PROMPT_TOKENS):
+    """The processor batch of :func:`workload_requests` (``batch_size`` rows from ``seed``), on ``device``,
+    its images in ``dtype`` (``VL2Batch.to``): the batch the routing count and the step profile run."""
+    return processor(conversations=workload_requests(processor, batch_size, seed, prompt_tokens)).to(device, dtype)
 
 
 def real_tiles(batch) -> torch.Tensor:
