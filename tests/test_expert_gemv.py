@@ -45,10 +45,12 @@ def rel(a, b):
 
 
 @needs_kernels
-@pytest.mark.parametrize("E,H,I,N,k", [(8, 72, 40, 1, 3), (8, 70, 33, 3, 2), (6, 300, 260, 2, 6)],
-                         ids=["decode", "uneven-blocks", "several-k-blocks"])
+@pytest.mark.parametrize("E,H,I,N,k", [(8, 72, 40, 1, 3), (8, 70, 33, 3, 2), (6, 300, 260, 2, 6),
+                                            (4, 512, 24, 2, 2)],
+                         ids=["decode", "uneven-blocks", "several-k-blocks", "even-k-blocks"])
 def test_kernels_equal_the_dense_experts_fp32(E, H, I, N, k):
-    """Row counts that are no multiple of BLOCK_N and widths past one BLOCK_K: the fp32 sums differ in order only."""
+    """Row counts that are no multiple of BLOCK_N, widths past one BLOCK_K, and a width of whole BLOCK_Ks (the
+    gate/up loop without a column mask): the fp32 sums differ in order only."""
     ex = experts(E, H, I)
     got, ref = both(ex, *routed(N, k, H, E))
     assert got.shape == ref.shape == (N, H) and got.dtype == ref.dtype

@@ -58,30 +58,34 @@ def applies(x: torch.Tensor, idx: torch.Tensor, *experts: torch.Tensor) -> bool:
 
 
 def gate_up_kernel(x_ptr, e_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, H, I, Is, Imax, E, P, K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     # program (p, nb): rows [nb·BLOCK_N, +BLOCK_N) of h[p] = silu(W_gate x) · (W_up x), for pair p's expert or,
-    # for p ≥ P, for the shared experts of token p − P
+    # for p ≥ P, for the shared experts of token p − P: one weight pointer per projection, chosen once, so each
+    # step of the loop is two loads (EVEN_K: H a multiple of BLOCK_K, no column mask)
     p, nb = tl.program_id(0), tl.program_id(1)
     shared = p >= P                                   # programs past the P pairs: token p − P's shared experts
     e = tl.load(e_ptr + tl.minimum(p, P - 1))
     held = (e >= 0) & (e < E) & (p < P)
     base = tl.where(held, e, 0).to(tl.int64) * I * H
-    n_routed = tl.where(held, I, 0)                   # rows to read of each tensor: none of the other one, and
-    n_shared = tl.where(shared, Is, 0)                # none at all for an expert held elsewhere
+    wg = tl.where(shared, sg_ptr, wg_ptr + base)
+    wu = tl.where(shared, su_ptr, wu_ptr + base)
+    n_rows = tl.where(shared, Is, tl.where(held, I, 0))   # rows of this weight; none for an expert held elsewhere
     x_row = x_ptr + tl.where(shared, p - P, p // K).to(tl.int64) * H
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.zeros([BLOCK_N], dtype=tl.float32)
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-        off = rows[:, None].to(tl.int64) * H + cols[None, :]
-        mr = (rows[:, None] < n_routed) & (cols[None, :] < H)
-        ms = (rows[:, None] < n_shared) & (cols[None, :] < H)
-        g += tl.sum((tl.load(wg_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
-                     + tl.load(sg_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
-        u += tl.sum((tl.load(wu_ptr + base + off, mask=mr, other=0.0).to(tl.float32)
-                     + tl.load(su_ptr + off, mask=ms, other=0.0).to(tl.float32)) * xk, axis=1)
+    if nb * BLOCK_N < n_rows:                         # a block past this weight's rows reads nothing
+        for k0 in range(0, H, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            off = rows[:, None].to(tl.int64) * H + cols[None, :]
+            if EVEN_K:
+                xk = tl.load(x_row + cols).to(tl.float32)[None, :]
+                m = rows[:, None] < n_rows
+            else:
+                xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+                m = (rows[:, None] < n_rows) & (cols[None, :] < H)
+            g += tl.sum(tl.load(wg + off, mask=m, other=0.0).to(tl.float32) * xk, axis=1)
+            u += tl.sum(tl.load(wu + off, mask=m, other=0.0).to(tl.float32) * xk, axis=1)
     h = g / (1.0 + tl.exp(-g)) * u
     tl.store(h_ptr + p.to(tl.int64) * Imax + rows, h.to(h_ptr.dtype.element_ty), mask=rows < Imax)
 
@@ -140,7 +144,7 @@ def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gat
     h = torch.empty(P + S, Imax, dtype=x.dtype, device=x.device)
     bn, bk, warps = BLOCKS["gate_up"]
     _gate_up[(P + S, triton.cdiv(Imax, bn))](x, e, gate, up, sg, su, h, H, I, Is, Imax, E, P, K=k, BLOCK_N=bn,
-                                             BLOCK_K=bk, num_warps=warps)
+                                             BLOCK_K=bk, EVEN_K=H % bk == 0, num_warps=warps)
     out = torch.empty(N, H, dtype=x.dtype, device=x.device)
     bn, bk, warps = BLOCKS["down"]
     _down[(N, triton.cdiv(H, bn))](h, e, w, down, sd, out, H, I, Is, Imax, E, P, K=k, SHARED=S > 0, BLOCK_N=bn,
