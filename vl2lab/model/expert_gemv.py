@@ -43,7 +43,7 @@ except ImportError:                                   # pragma: no cover - depen
 __all__ = ["MAX_PAIRS", "BLOCKS", "available", "applies", "gate_up_kernel", "down_kernel", "routed_gemv"]
 
 MAX_PAIRS = 32                 # up to this many (token, expert) pairs a forward uses these kernels
-BLOCKS = {"gate_up": (16, 256, 4), "down": (2, 512, 4)}    # (BLOCK_N rows, BLOCK_K columns, warps) per kernel
+BLOCKS = {"gate_up": (4, 1024, 4), "down": (2, 512, 4)}    # (BLOCK_N rows, BLOCK_K columns, warps) per kernel
 
 
 def available(x: torch.Tensor) -> bool:
