@@ -198,11 +198,21 @@ def test_unsplittable_model_on_2_ranks_reports_once(tmp_path):
 
 # --- 7. teardown ---------------------------------------------------------------------------------------------------
 COUNT_GLOO_THREADS = """
-import os, sys
+import os, sys, time
 from vl2lab.serve.generate import main
 rc = main(sys.argv[1:])
-names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print(f"rank {os.environ['RANK']}: gloo threads left {sum('gloo' in n for n in names)}", flush=True)
+def gloo_threads():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read().strip())
+        except FileNotFoundError:          # the thread ended while we listed it
+            pass
+    return sum("gloo" in n for n in names)
+deadline = time.monotonic() + 5            # a destroyed group's threads end on their own, a leaked one's never do
+while gloo_threads() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(f"rank {os.environ['RANK']}: gloo threads left {gloo_threads()}", flush=True)
 sys.exit(rc)
 """
 
