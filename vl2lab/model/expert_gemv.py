@@ -123,11 +123,6 @@ def down_kernel(h_ptr, e_ptr, w_ptr, wd_ptr, sd_ptr, out_ptr, H, I, Is, Imax, E,
     tl.store(out_ptr + t.to(tl.int64) * H + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < H)
 
 
-if triton is not None:                                # the kernels: the functions above, compiled by Triton
-    _gate_up, _down = triton.jit(gate_up_kernel), triton.jit(down_kernel)
-
-
-@torch.compiler.disable                               # a graph break under torch.compile; captured as it is
 def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                 down: torch.Tensor, shared=None) -> torch.Tensor:
     """x [N, H], local [N, k] expert ids on this module (others give zero), weights [N, k] fp32, gate/up
@@ -150,3 +145,12 @@ def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gat
     _down[(N, triton.cdiv(H, bn))](h, e, w, down, sd, out, H, I, Is, Imax, E, P, K=k, SHARED=S > 0, BLOCK_N=bn,
                                    BLOCK_K=bk, num_warps=warps)
     return out
+
+
+
+# The kernels: the functions above, compiled by Triton; routed_gemv a graph break under torch.compile (captured as it
+# is). Without Triton it never runs, and no process pays the seconds that torch.compiler.disable's import of
+# torch._dynamo takes.
+if triton is not None:
+    _gate_up, _down = triton.jit(gate_up_kernel), triton.jit(down_kernel)
+    routed_gemv = torch.compiler.disable(routed_gemv)
