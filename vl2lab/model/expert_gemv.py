@@ -147,7 +147,6 @@ def routed_gemv(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, gat
     return out
 
 
-
 # The kernels: the functions above, compiled by Triton; routed_gemv a graph break under torch.compile (captured as it
 # is). Without Triton it never runs, and no process pays the seconds that torch.compiler.disable's import of
 # torch._dynamo takes.
